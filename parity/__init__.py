@@ -1,0 +1,1 @@
+"""Parity tools: tolerances, strategies and comparisons that porters can use."""
