@@ -7,10 +7,19 @@ form one fully bidirectional block. PaliGemma gives image, BOS, prefix and "\\n"
     query i sees key j  <=>  cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]
                              and input_mask[i] and input_mask[j]
 
+Padding (`input_mask = False`) never starts a block here, so pads may carry any `mask_ar`
+and may sit on either side; with trailing padding (big_vision's layout) this is exactly
+big_vision's rule, and left padding (HF's layout) gives the same result as no padding.
+
 Axes: B batch, T query tokens, S key tokens.
 """
 
 import numpy as np
+
+
+def block_ids(input_mask, mask_ar):
+    """[B, T] int: the block each token belongs to, `cumsum(mask_ar)` over real tokens."""
+    return np.cumsum(np.asarray(mask_ar) * np.asarray(input_mask, dtype=bool), axis=1)
 
 
 def make_attn_mask(input_mask, mask_ar):
@@ -23,7 +32,7 @@ def make_attn_mask(input_mask, mask_ar):
       [B, T, T] bool, `mask[b, i, j]` = query i may attend to key j.
     """
     input_mask = np.asarray(input_mask, dtype=bool)
-    blocks = np.cumsum(mask_ar, axis=1)  # [B, T]
+    blocks = block_ids(input_mask, mask_ar)  # [B, T]
     visible = blocks[:, None, :] <= blocks[:, :, None]  # [B, T, S]
     return visible & input_mask[:, None, :] & input_mask[:, :, None]
 
@@ -49,9 +58,9 @@ def sliding_window(attn_mask, q_positions, k_positions, window, same_block=None)
     return attn_mask & near
 
 
-def same_block(mask_ar):
+def same_block(input_mask, mask_ar):
     """[B, T, T] bool: tokens i and j lie in the same bidirectional block."""
-    blocks = np.cumsum(mask_ar, axis=1)  # [B, T]
+    blocks = block_ids(input_mask, mask_ar)  # [B, T]
     return blocks[:, :, None] == blocks[:, None, :]
 
 

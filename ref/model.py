@@ -86,7 +86,7 @@ def prefix_lm_masks(config: PaliGemmaConfig, input_mask, mask_ar):
     local_mask = None
     if config.llm.sliding_window is not None:
         local_mask = sliding_window(attn_mask, positions, positions, config.llm.sliding_window,
-                                    same_block(mask_ar))
+                                    same_block(input_mask, mask_ar))
     return attn_mask, local_mask, positions
 
 

@@ -4,6 +4,8 @@ Everything is plain NumPy. `einsum` always asks NumPy to optimise the contractio
 routes two-operand products through BLAS; the result is the same as the naive loop.
 """
 
+import math
+
 import numpy as np
 
 # big_vision masks attention logits with this finite value, not -inf: a row with no
@@ -41,7 +43,7 @@ def log_softmax(logits, axis=-1):
 
 def gelu_tanh(x):
     """GELU, tanh approximation (flax `nn.gelu` default, torch `gelu(approximate="tanh")`)."""
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def softcap(x, cap):
