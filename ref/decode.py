@@ -1,6 +1,7 @@
 """Decoding with a KV cache: prefill once, then one token at a time; samplers and beam search.
 
-Axes: B batch, S cache slots, L layers, K kv heads, H head dim, V vocabulary, W beams.
+Axes: B batch, S cache slots, L layers, K kv heads, H head dim, V vocabulary; beam search adds
+a beam axis of length `beam_size` (written `beams` below).
 
 The cache has one slot per prompt token (image + text, padding included) followed by one
 slot per generated token. Slots are shared by the batch (step t of every example writes slot
@@ -256,39 +257,39 @@ def beam_search(params, config: PaliGemmaConfig, cache: KVCache, logits, beam_si
       `Generation` of the best finished hypothesis per example.
     """
     B, V = logits.shape
-    W, eos = beam_size, config.eos_id
-    cache = cache.select(np.repeat(np.arange(B), W))
-    logits = np.repeat(logits, W, axis=0)  # [B*W, V]
-    scores = np.full((B, W), -np.inf)
+    beams, eos = beam_size, config.eos_id
+    cache = cache.select(np.repeat(np.arange(B), beams))
+    logits = np.repeat(logits, beams, axis=0)  # [B * beams, V]
+    scores = np.full((B, beams), -np.inf)
     scores[:, 0] = 0.0  # one live beam to start with; the others are placeholders
-    beams = np.zeros((B, W, 0), dtype=np.int64)  # live token sequences
-    beam_logp = np.zeros((B, W, 0))
+    live = np.zeros((B, beams, 0), dtype=np.int64)  # live token sequences
+    live_logp = np.zeros((B, beams, 0))
     best = np.full(B, -np.inf)
     best_tokens = np.full((B, max_new_tokens), config.pad_id, dtype=np.int64)
     best_logp = np.zeros((B, max_new_tokens))
     rows = np.arange(B)[:, None]  # [B, 1]
     for step in range(max_new_tokens):
-        logp = log_softmax(logits.astype(np.float64)).reshape(B, W, V)  # [B, W, V]
-        finished = scores + logp[..., eos]  # [B, W]
+        logp = log_softmax(logits.astype(np.float64)).reshape(B, beams, V)  # [B, beams, V]
+        finished = scores + logp[..., eos]  # [B, beams]
         w = np.argmax(finished, axis=1)  # [B]
         for b in np.flatnonzero(finished[np.arange(B), w] > best):
             best[b] = finished[b, w[b]]
             best_tokens[b] = config.pad_id
-            best_tokens[b, :step], best_tokens[b, step] = beams[b, w[b]], eos
+            best_tokens[b, :step], best_tokens[b, step] = live[b, w[b]], eos
             best_logp[b] = 0.0
-            best_logp[b, :step], best_logp[b, step] = beam_logp[b, w[b]], logp[b, w[b], eos]
+            best_logp[b, :step], best_logp[b, step] = live_logp[b, w[b]], logp[b, w[b], eos]
         if step + 1 == max_new_tokens:
             break
-        candidates = scores[..., None] + logp  # [B, W, V]
+        candidates = scores[..., None] + logp  # [B, beams, V]
         candidates[..., eos] = -np.inf
-        flat = candidates.reshape(B, W * V)
-        top = np.argsort(-flat, axis=1, kind="stable")[:, :W]  # [B, W]
-        parent, token = top // V, top % V  # [B, W]
-        scores = np.take_along_axis(flat, top, axis=1)  # [B, W]
-        beams = np.concatenate([beams[rows, parent], token[..., None]], axis=-1)
-        beam_logp = np.concatenate([beam_logp[rows, parent], logp[rows, parent, token][..., None]], axis=-1)
+        flat = candidates.reshape(B, beams * V)
+        top = np.argsort(-flat, axis=1, kind="stable")[:, :beams]  # [B, beams]
+        parent, token = top // V, top % V  # [B, beams]
+        scores = np.take_along_axis(flat, top, axis=1)  # [B, beams]
+        live = np.concatenate([live[rows, parent], token[..., None]], axis=-1)
+        live_logp = np.concatenate([live_logp[rows, parent], logp[rows, parent, token][..., None]], axis=-1)
         if np.all(scores.max(axis=1) < best):
             break
-        cache = cache.select((rows * W + parent).reshape(-1))
-        logits = extend(params, config, cache, token.reshape(-1))  # [B*W, V]
+        cache = cache.select((rows * beams + parent).reshape(-1))
+        logits = extend(params, config, cache, token.reshape(-1))  # [B * beams, V]
     return Generation(best_tokens, best_logp)
