@@ -185,3 +185,40 @@ def test_softcap_bounds_and_identity():
     np.testing.assert_allclose(ops.softcap(x, 30.0), 30.0 * np.tanh(x / 30.0), rtol=1e-15)
     np.testing.assert_array_equal(ops.softcap(x, None), x)
     np.testing.assert_allclose(ops.softcap(np.array([1e-3]), 50.0), [1e-3], rtol=1e-9)
+
+
+def test_tied_logits_and_final_softcap_against_loops():
+    V, D = 7, 4
+    table = RNG.normal(size=(V, D))
+    x = RNG.normal(size=(1, 2, D)) * 10
+    for cap in (None, 3.0):
+        config = GemmaConfig(width=D, num_heads=1, num_kv_heads=1, head_dim=2, vocab_size=V, final_logits_softcap=cap)
+        out = gemma.logits({"embedder": {"input_embedding": table}}, x, config)
+        for t in range(2):
+            raw = [sum(x[0, t, d] * table[v, d] for d in range(D)) for v in range(V)]
+            expected = [cap * math.tanh(r / cap) for r in raw] if cap else raw
+            np.testing.assert_allclose(out[0, t], expected, rtol=1e-12)
+
+
+@given(st.booleans(), st.floats(0.1, 10.0), st.integers(0, 2**31 - 1))
+def test_post_norms_make_each_branch_scale_free(post_norms, factor, seed):
+    # RMSNorm ignores the scale of its input, so with Gemma 2's post-norms rescaling a branch's
+    # output weights changes nothing; without them (Gemma 1) it changes the block's output.
+    from paligemma import ref
+
+    # norm_eps = 0 makes RMSNorm exactly scale invariant (eps 1e-6 would blur it at ~1e-6).
+    config = ref.get_config("tiny-paligemma2" if post_norms else "tiny-paligemma", norm_eps=0.0)
+    params = ref.params.layer_slice(ref.init_params(config, seed=seed % 100, dtype=np.float64,
+                                                    random_norms=True)["llm"]["layers"], 0)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(1, 4, config.llm.width))
+    positions = np.arange(4)[None]
+    mask = np.tril(np.ones((1, 4, 4), bool))
+    base = gemma.block(params, x, positions, mask, config.llm)
+    scaled = {**params, "attn": {**params["attn"], "attn_vec_einsum": {"w": params["attn"]["attn_vec_einsum"]["w"] * factor}},
+              "mlp": {**params["mlp"], "linear": params["mlp"]["linear"] * factor}}
+    out = gemma.block(scaled, x, positions, mask, config.llm)
+    if post_norms:
+        np.testing.assert_allclose(out, base, rtol=1e-9, atol=1e-9)
+    elif abs(factor - 1) > 1e-3:
+        assert np.abs(out - base).max() > 1e-6

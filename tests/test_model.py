@@ -134,3 +134,20 @@ def test_bad_input_is_named(change, match):
     params = _params(CONFIG)
     with pytest.raises(ValueError, match=match):
         ref.forward(params, CONFIG, **{**GOOD, **change})
+
+
+def test_joined_sequence_is_unscaled_image_tokens_then_scaled_text_tokens():
+    from paligemma.ref import siglip
+    from paligemma.ref.model import embed_image_and_text
+
+    config = ref.get_config("tiny-paligemma")
+    params = _params(config)
+    images = np.random.default_rng(4).uniform(-1, 1, (1, 28, 28, 3))
+    tokens = np.array([[2, 9, 108]])
+    x, input_mask, mask_ar = embed_image_and_text(params, config, images, tokens, np.array([[0, 0, 1]]),
+                                                  np.array([[True, True, False]]))
+    P, D = config.vision.num_patches, config.llm.width
+    np.testing.assert_array_equal(x[:, :P], siglip.head(params["img"]["head"], siglip.encode(params["img"], config.vision, images)))
+    np.testing.assert_allclose(x[0, P:], params["llm"]["embedder"]["input_embedding"][tokens[0]] * np.sqrt(D), rtol=1e-15)
+    np.testing.assert_array_equal(input_mask[0], [True] * P + [True, True, False])
+    np.testing.assert_array_equal(mask_ar[0], [0] * P + [0, 0, 1])
