@@ -52,6 +52,7 @@ def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
       (cache, logits [B, V]) where logits follow each example's last real token.
     """
     g = config.llm
+    images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask)
     B, N, _ = x.shape
     S = N + max_new_tokens
@@ -84,11 +85,16 @@ def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens):
       logits [B, V].
     """
     g = config.llm
-    embed = params["llm"]["embedder"]
-    x = gemma.embed_tokens(embed, np.asarray(tokens)[:, None], compute_dtype(embed["input_embedding"]))
+    tokens = np.asarray(tokens)
+    B, V = cache.lengths.shape[0], g.vocab_size
+    if tokens.shape != (B,) or not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() >= V:
+        raise ValueError(f"tokens: expected {B} integer ids in [0, {V}), got {tokens.dtype} {list(tokens.shape)} "
+                         f"with values {tokens.min() if tokens.size else '-'}..{tokens.max() if tokens.size else '-'}")
     slot = cache.next_slot
     if slot >= cache.valid.shape[1]:
         raise ValueError(f"extend: the cache holds {cache.valid.shape[1]} slots and all are used")
+    embed = params["llm"]["embedder"]
+    x = gemma.embed_tokens(embed, tokens[:, None], compute_dtype(embed["input_embedding"]))  # [B, 1, D]
     positions = cache.lengths[:, None]  # [B, 1]
     cache.valid[:, slot] = True
     cache.positions[:, slot] = cache.lengths

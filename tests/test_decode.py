@@ -216,3 +216,16 @@ def test_bad_generate_arguments_are_named(kwargs, match):
     config = ref.get_config("tiny-paligemma")
     with pytest.raises(ValueError, match=match):
         ref.generate(_params(config), config, *GOOD, **kwargs)
+
+
+def test_extend_rejects_bad_tokens_and_a_full_cache():
+    config = ref.get_config("tiny-paligemma")
+    params = _params(config)
+    cache, _ = ref.prefill(params, config, *GOOD, np.ones((1, 3), bool), 1)
+    with pytest.raises(ValueError, match=r"tokens: expected 1 integer ids in \[0, 300\), got int64 \[1\] with values 300..300"):
+        ref.extend(params, config, cache, np.array([300]))
+    with pytest.raises(ValueError, match=r"tokens: expected 1 integer ids"):
+        ref.extend(params, config, cache, np.array([1, 2]))
+    ref.extend(params, config, cache, np.array([5]))
+    with pytest.raises(ValueError, match=r"extend: the cache holds 20 slots and all are used"):
+        ref.extend(params, config, cache, np.array([5]))
