@@ -7,6 +7,7 @@
     out = ref.generate(params, config, images, tokens, mask_ar, input_mask, max_new_tokens=16)
 """
 
+from .checkpoint import load, save
 from .config import (PRESETS, GemmaConfig, PaliGemmaConfig, VisionConfig, count_params, describe,
                      get_config)
 from .decode import Generation, KVCache, Sampler, extend, generate, parse_sampler, prefill
@@ -15,6 +16,7 @@ from .model import forward
 from .params import cast_params, flatten, init_params, num_params, param_shapes, unflatten
 
 __all__ = [
+    "load", "save",
     "PRESETS", "GemmaConfig", "PaliGemmaConfig", "VisionConfig", "count_params", "describe", "get_config",
     "Generation", "KVCache", "Sampler", "extend", "generate", "parse_sampler", "prefill",
     "make_attn_mask", "forward",

@@ -1,0 +1,331 @@
+"""Loading and saving PaliGemma checkpoints: big_vision `.npz` and Hugging Face safetensors.
+
+    config, params = load("paligemma-3b-pt-224.npz")            # big_vision (Kaggle)
+    config, params = load("paligemma2-3b-pt-224/")               # HF directory, sharded or not
+    config, params = load("model.safetensors", final_logits_softcap=None)
+    save("out.npz", config, params)                              # big_vision layout
+    save("out-hf/", config, params, format="hf")                 # from_pretrained() loads it
+
+The config comes from `config.json` when there is one, else from tensor shapes. Shapes cannot
+tell softcaps, the query scaling, the sliding window or (for HF names) how a projection splits
+into heads; those default to the released model with the same sizes and can be overridden:
+any `GemmaConfig` field by name, `VisionConfig` fields as `vision_<field>`, and `name`,
+`pad_id`, `eos_id`, `bos_id`. `vocab_size=257152` trims HF's 257216 embedding rows.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from . import hf_layout
+from .config import GEMMA2_27B, GemmaConfig, PaliGemmaConfig, VisionConfig
+from .params import flatten, param_shapes, unflatten
+from .tensorfiles import CheckpointError, open_reader
+
+# (width, heads, head dim) of released towers, for HF files that come without config.json.
+_KNOWN_LLM_HEADS = {2048: (8, 256), 2304: (8, 256), 3584: (16, 256), 4608: (32, 128)}
+_KNOWN_VISION_HEADS = {1152: 16}
+
+
+def load(path, **overrides):
+    """Reads a checkpoint; returns `(config, params)` with params in big_vision's tree layout.
+
+    `.npz` members are memory-mapped read-only (no copy until used); HF tensors are converted
+    one at a time, so peak memory stays near one copy of the weights.
+    """
+    path = str(path)
+    reader = open_reader(path)
+    try:
+        keys = reader.keys()
+        if any(k.startswith(("img/", "llm/", "params/")) for k in keys):
+            names = {k.removeprefix("params/"): k for k in keys}
+            config = _infer_config({k: reader.shape(v) for k, v in names.items()}, path, overrides)
+            flat = _read_big_vision(reader, names, config, path)
+        else:
+            hf_config = _read_hf_config(path)
+            config = _config_from_hf_file(hf_config, reader, path, overrides)
+            flat = _read_hf(reader, config, path)
+    finally:
+        reader.close()
+    return _trim_vocab(config, flat, overrides, path)
+
+
+def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, max_shard_bytes=5 << 30):
+    """Writes `params` as a big_vision `.npz` or as an HF directory (config.json + safetensors).
+
+    Every file is written under a temporary name and renamed into place, so an interrupted save
+    never leaves a half-written checkpoint where a good one was. Existing files are only
+    replaced with `overwrite=True`.
+    """
+    flat = flatten(params)
+    _check_tree(flat, config, str(path))
+    if format == "npz":
+        _refuse_overwrite(path, overwrite)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _atomic_write(path, lambda tmp: _write_npz(tmp, flat))
+    elif format == "hf":
+        _save_hf(str(path), config, flat, overwrite, max_shard_bytes)
+    else:
+        raise ValueError(f"format: expected 'npz' or 'hf', got {format!r}")
+
+
+# --- big_vision layout --------------------------------------------------------------------
+
+
+def _read_big_vision(reader, names, config, path):
+    _check_names(set(names), set(flatten(param_shapes(config))), path)
+    flat = {}
+    for key, stored in names.items():
+        flat[key] = reader.get(stored)
+    _check_tree(flat, config, path)
+    return flat
+
+
+def _infer_config(shapes, path, overrides):
+    """A config from big_vision tensor shapes (plus overrides for what shapes cannot tell)."""
+    def shape(key):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: missing key {key!r}; cannot infer the model config without it")
+        return shapes[key]
+
+    enc = "img/Transformer/encoderblock"
+    p, _, _, W = shape("img/embedding/kernel")
+    P = shape("img/pos_embedding")[1]
+    grid = math.isqrt(P)
+    if grid * grid != P:
+        raise CheckpointError(f"{path}: img/pos_embedding has {P} rows, not a square number of patches")
+    L_v, _, N_v, _ = shape(f"{enc}/MultiHeadDotProductAttention_0/query/kernel")
+    vision = VisionConfig(image_size=grid * p, patch_size=p, width=W, depth=L_v, num_heads=N_v,
+                          mlp_dim=shape(f"{enc}/MlpBlock_0/Dense_0/kernel")[-1])
+    V, D = shape("llm/embedder/input_embedding")
+    L, N, _, H = shape("llm/layers/attn/q_einsum/w")
+    K = shape("llm/layers/attn/kv_einsum/w")[2]
+    F = shape("llm/layers/mlp/gating_einsum")[-1]
+    llm = _gemma_defaults(D, L, F, N, K, H, V, "llm/layers/post_attention_norm/scale" in shapes)
+    return apply_overrides(PaliGemmaConfig(vision, llm, name=os.path.basename(path)), overrides)
+
+
+def _gemma_defaults(D, L, F, N, K, H, V, gemma2):
+    """Gemma 1: no softcaps. Gemma 2: softcaps 50/30; (D/N)^-1/2 query scale only for the 27B."""
+    if not gemma2:
+        return GemmaConfig(width=D, depth=L, mlp_dim=F, num_heads=N, num_kv_heads=K, head_dim=H, vocab_size=V)
+    is_27b = (D, L, F, N, K, H) == (GEMMA2_27B.width, GEMMA2_27B.depth, GEMMA2_27B.mlp_dim,
+                                    GEMMA2_27B.num_heads, GEMMA2_27B.num_kv_heads, GEMMA2_27B.head_dim)
+    return GemmaConfig(width=D, depth=L, mlp_dim=F, num_heads=N, num_kv_heads=K, head_dim=H, vocab_size=V,
+                       attn_logits_softcap=50.0, final_logits_softcap=30.0, post_norms=True,
+                       query_scaling="rsqrt_emb_per_head" if is_27b else "rsqrt_head_dim")
+
+
+def apply_overrides(config: PaliGemmaConfig, overrides):
+    """Replaces fields by name: GemmaConfig fields, `vision_<field>`, name and special ids."""
+    llm_fields = {f.name for f in dataclasses.fields(GemmaConfig)}
+    vision_fields = {f"vision_{f.name}" for f in dataclasses.fields(VisionConfig)}
+    top_fields = {"name", "pad_id", "eos_id", "bos_id"}
+    unknown = sorted(set(overrides) - llm_fields - vision_fields - top_fields)
+    if unknown:
+        raise ValueError(f"load: unknown overrides {unknown}; expected fields of GemmaConfig "
+                         f"{sorted(llm_fields)}, VisionConfig as vision_<field>, or {sorted(top_fields)}")
+    llm = dataclasses.replace(config.llm, **{k: v for k, v in overrides.items() if k in llm_fields})
+    vision = dataclasses.replace(config.vision, **{k[7:]: v for k, v in overrides.items() if k in vision_fields})
+    return dataclasses.replace(config, vision=vision, llm=llm,
+                               **{k: v for k, v in overrides.items() if k in top_fields})
+
+
+def _trim_vocab(config, flat, overrides, path):
+    """The stored embedding rows, or the first `vocab_size` of them when an override asks."""
+    rows = flat["llm/embedder/input_embedding"].shape[0]
+    vocab = overrides.get("vocab_size", rows)
+    if vocab > rows:
+        raise CheckpointError(f"{path}: vocab_size {vocab} requested, but the embedding has only {rows} rows")
+    flat["llm/embedder/input_embedding"] = flat["llm/embedder/input_embedding"][:vocab]
+    return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab)), unflatten(flat)
+
+
+# --- HF layout ----------------------------------------------------------------------------
+
+
+def _read_hf_config(path):
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        return None
+    try:
+        with open(config_path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+
+
+def _config_from_hf_file(hf_config, reader, path, overrides):
+    shapes = {}
+    for name in reader.keys():
+        canonical = hf_layout.canonical_name(name)
+        if canonical is not None:
+            shapes[canonical] = reader.shape(name)
+    if hf_config is not None:
+        try:
+            config = hf_layout.config_from_hf(hf_config, name=os.path.basename(path.rstrip("/")))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: config.json does not describe a PaliGemma model ({e})") from None
+        # The file decides the embedding rows (257152 in converted big_vision files, 257216 on the hub).
+        if ("llm", "embed_tokens.weight") in shapes:
+            rows = shapes[("llm", "embed_tokens.weight")][0]
+            config = config.replace(llm=dataclasses.replace(config.llm, vocab_size=rows))
+    else:
+        config = _infer_config_from_hf_shapes(shapes, path, overrides)
+    return apply_overrides(config, {k: v for k, v in overrides.items() if k != "vocab_size"})
+
+
+def _infer_config_from_hf_shapes(shapes, path, overrides):
+    def shape(tower, name):
+        if (tower, name) not in shapes:
+            raise CheckpointError(f"{path}: missing tensor {name!r} ({tower}); cannot infer the model config")
+        return shapes[(tower, name)]
+
+    def depth(tower):
+        layers = [re.search(r"layers\.(\d+)\.", n) for (t, n) in shapes if t == tower]
+        return 1 + max((int(m.group(1)) for m in layers if m), default=-1)
+
+    W, _, p, _ = shape("vision", "embeddings.patch_embedding.weight")
+    P = shape("vision", "embeddings.position_embedding.weight")[0]
+    N_v = overrides.get("vision_num_heads", _KNOWN_VISION_HEADS.get(W))
+    V, D = shape("llm", "embed_tokens.weight")
+    N, H = overrides.get("num_heads"), overrides.get("head_dim")
+    if N is None or H is None:
+        N, H = _KNOWN_LLM_HEADS.get(D, (N, H))
+    if N_v is None or N is None or H is None:
+        raise CheckpointError(f"{path}: without config.json the head split cannot be read from shapes; "
+                              "pass num_heads=, head_dim= and vision_num_heads= to load()")
+    vision = VisionConfig(image_size=math.isqrt(P) * p, patch_size=p, width=W, num_heads=N_v,
+                          depth=depth("vision"),
+                          mlp_dim=shape("vision", "encoder.layers.0.mlp.fc1.weight")[0])
+    K = shape("llm", "layers.0.self_attn.k_proj.weight")[0] // H
+    F = shape("llm", "layers.0.mlp.gate_proj.weight")[0]
+    gemma2 = ("llm", "layers.0.pre_feedforward_layernorm.weight") in shapes
+    llm = _gemma_defaults(D, depth("llm"), F, N, K, H, V, gemma2)
+    return PaliGemmaConfig(vision, llm, name=os.path.basename(path.rstrip("/")))
+
+
+def _read_hf(reader, config, path):
+    table = hf_layout.name_table(config)
+    present = {}
+    for name in reader.keys():
+        canonical = hf_layout.canonical_name(name)
+        present.setdefault(canonical, name)  # unknown names collect under None
+    head = present.pop(("lm_head", ""), None)
+    unknown = [n for n in reader.keys() if hf_layout.canonical_name(n) is None]
+    missing = sorted(name for (tower, name) in table if (tower, name) not in present)
+    extra = sorted(present[c] for c in present if c is not None and c not in table) + unknown
+    if missing or extra:
+        raise CheckpointError(f"{path}: tensors do not match {config.name} "
+                              f"(missing {len(missing)}: {missing[:12]}; unexpected {len(extra)}: {extra[:12]})")
+    expected = flatten(param_shapes(config))
+    flat = {}
+    for (tower, name), (key, how, layer) in table.items():
+        stored = present[(tower, name)]
+        w = hf_layout.hf_to_bv(reader.get(stored), how, key, config)
+        target_shape = expected[key][1:] if layer is not None else expected[key]
+        target_shape = target_shape[len(hf_layout.bv_slice(how)):]
+        if tuple(w.shape) != tuple(target_shape):
+            raise CheckpointError(f"{path}: tensor {stored!r} has shape {list(reader.shape(stored))}, "
+                                  f"which does not fit {key} {list(expected[key])} of {config.name}")
+        if key not in flat:
+            flat[key] = np.empty(expected[key], dtype=w.dtype)
+        flat[key][(layer,) + hf_layout.bv_slice(how) if layer is not None else ...] = w
+    if head is not None and not np.array_equal(reader.get(head), flat["llm/embedder/input_embedding"]):
+        raise CheckpointError(f"{path}: {head!r} differs from the input embedding; PaliGemma ties them")
+    return flat
+
+
+def _save_hf(folder, config, flat, overwrite, max_shard_bytes):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder}: exists and is not a directory")
+    os.makedirs(folder, exist_ok=True)
+    dtype = flat["llm/embedder/input_embedding"].dtype
+    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(dtype), "float32")
+    shards, current, size = [], {}, 0
+    for name, (key, how, layer) in hf_layout.hf_names_for_save(config).items():
+        w = flat[key] if layer is None else flat[key][(layer,) + hf_layout.bv_slice(how)]
+        w = np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(w), how, key, config))
+        if current and size + w.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = w
+        size += w.nbytes
+    shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = dict(zip(names, shards))
+    outputs = ["config.json"] + names + ([] if len(shards) == 1 else ["model.safetensors.index.json"])
+    for out in outputs:
+        _refuse_overwrite(os.path.join(folder, out), overwrite)
+    for out, tensors in files.items():
+        _atomic_write(os.path.join(folder, out), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(w.nbytes for s in shards for w in s.values())},
+                 "weight_map": {n: out for out, s in files.items() for n in s}}
+        _atomic_write(os.path.join(folder, "model.safetensors.index.json"),
+                      lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
+    hf_json = json.dumps(hf_layout.config_to_hf(config, dtype_name), indent=2)
+    _atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
+
+
+# --- checks and atomic writes -------------------------------------------------------------
+
+
+def _check_names(got, want, path):
+    missing, extra = sorted(want - got), sorted(got - want)
+    if missing or extra:
+        raise CheckpointError(f"{path}: keys do not match the model "
+                              f"(missing {len(missing)}: {missing[:12]}; unexpected {len(extra)}: {extra[:12]})")
+
+
+def _check_tree(flat, config, path):
+    expected = flatten(param_shapes(config))
+    _check_names(set(flat), set(expected), path)
+    for key, shape in expected.items():
+        got = tuple(np.shape(flat[key]))
+        if key == "llm/embedder/input_embedding":
+            shape = (got[0], shape[1])  # rows may exceed the tokenizer (HF pads to 257216)
+        if got != tuple(shape):
+            raise CheckpointError(f"{path}: {key} has shape {list(got)}, expected {list(shape)} for {config.name}")
+        dtype = np.asarray(flat[key][:0] if np.ndim(flat[key]) else flat[key]).dtype
+        if not (np.issubdtype(dtype, np.floating) or str(dtype) == "bfloat16"):
+            raise CheckpointError(f"{path}: {key} has dtype {dtype}, expected a float type")
+
+
+def _refuse_overwrite(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path}: already exists; pass overwrite=True to replace it")
+
+
+def _write_npz(path, flat):
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **flat)
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_write(path, write):
+    """`write(tmp_path)` to a temporary file beside `path`, flush it to disk, rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
