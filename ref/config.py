@@ -103,6 +103,10 @@ class PaliGemmaConfig:
     """The whole model: vision tower, projection (`img/head`) and language model.
 
     The special ids are Gemma's: pad 0, eos 1, bos 2.
+
+    `legacy_image_scaling` reproduces transformers 4.41-5.3, which divided image features by
+    sqrt(D) and then multiplied the whole sequence by sqrt(D) cast to the parameter dtype: the
+    same as big_vision (and transformers >= 5.4) in float32, ~7e-4 relative apart in bfloat16.
     """
 
     vision: VisionConfig = VisionConfig()
@@ -111,6 +115,7 @@ class PaliGemmaConfig:
     pad_id: int = 0
     eos_id: int = 1
     bos_id: int = 2
+    legacy_image_scaling: bool = False
 
     def __post_init__(self):
         for name in ("pad_id", "eos_id", "bos_id"):

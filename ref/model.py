@@ -7,6 +7,8 @@ Axes: B batch, P image tokens, T text tokens, D width, V vocabulary.
     tokens [B, T] --embed x sqrt(D)--> [B, T, D] +      (prefix-LM mask from mask_ar, input_mask)
 """
 
+import math
+
 import numpy as np
 
 from . import gemma, siglip
@@ -56,6 +58,18 @@ def validate_inputs(config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     return images, tokens.astype(np.int64), mask_ar.astype(np.int64), input_mask.astype(bool)
 
 
+def legacy_image_scaling(zimg, param_dtype):
+    """transformers 4.41-5.3: `(zimg / sqrt(D)) * sqrt(D)`, each result rounded to the parameter dtype.
+
+    torch divides by the Python float sqrt(D) in float32, then multiplies by sqrt(D) already
+    cast to the parameter dtype (45.25 in bfloat16 for D = 2048).
+    """
+    width = zimg.shape[-1]
+    rounded = zimg.astype(param_dtype).astype(np.float32)  # [B, P, D]
+    divided = (rounded / np.float32(math.sqrt(width))).astype(param_dtype)
+    return (divided * np.asarray(math.sqrt(width), param_dtype)).astype(zimg.dtype)  # [B, P, D]
+
+
 def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask):
     """Joins image and text embeddings and extends the masks over the image tokens.
 
@@ -65,8 +79,11 @@ def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_a
     Returns:
       x [B, P+T, D], input_mask [B, P+T] bool, mask_ar [B, P+T] int.
     """
-    dtype = compute_dtype(params["llm"]["embedder"]["input_embedding"])
+    table = params["llm"]["embedder"]["input_embedding"]
+    dtype = compute_dtype(table)
     zimg = siglip.embed_image(params["img"], config.vision, images.astype(dtype))  # [B, P, D]
+    if config.legacy_image_scaling:
+        zimg = legacy_image_scaling(zimg, table.dtype)
     ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, dtype)  # [B, T, D]
     x = np.concatenate([zimg, ztxt], axis=1)  # [B, P+T, D]
     B, P = zimg.shape[:2]
