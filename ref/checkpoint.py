@@ -56,12 +56,13 @@ def load(path, **overrides):
     return _trim_vocab(config, flat, overrides, path)
 
 
-def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, max_shard_bytes=5 << 30):
+def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, max_shard_bytes=2 << 30):
     """Writes `params` as a big_vision `.npz` or as an HF directory (config.json + safetensors).
 
     Every file is written under a temporary name and renamed into place, so an interrupted save
     never leaves a half-written checkpoint where a good one was. Existing files are only
-    replaced with `overwrite=True`.
+    replaced with `overwrite=True`. HF shards hold at most `max_shard_bytes`; each shard is
+    built in memory (twice, by the safetensors writer), so smaller shards mean a lower peak.
     """
     flat = flatten(params)
     _check_tree(flat, config, str(path))
