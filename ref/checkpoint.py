@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -296,8 +297,8 @@ def _check_tree(flat, config, path):
             shape = (got[0], shape[1])  # rows may exceed the tokenizer (HF pads to 257216)
         if got != tuple(shape):
             raise CheckpointError(f"{path}: {key} has shape {list(got)}, expected {list(shape)} for {config.name}")
-        dtype = np.asarray(flat[key][:0] if np.ndim(flat[key]) else flat[key]).dtype
-        if not (np.issubdtype(dtype, np.floating) or str(dtype) == "bfloat16"):
+        dtype = np.asarray(flat[key]).dtype  # no copy for arrays and memmaps
+        if not (np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16):
             raise CheckpointError(f"{path}: {key} has dtype {dtype}, expected a float type")
 
 
