@@ -11,7 +11,6 @@ checkpoint's size. Needs free disk of about twice the checkpoint.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -64,17 +63,20 @@ def main():
     parser.add_argument("--preset", default="paligemma-3b-224")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--dir", default="/tmp/paligemma-bench")
+    parser.add_argument("--reuse", action="store_true", help="keep an .npz left by an earlier run")
     args = parser.parse_args()
     config = ref.get_config(args.preset)
     dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
     os.makedirs(args.dir, exist_ok=True)
     npz, hf = os.path.join(args.dir, f"{args.preset}.npz"), os.path.join(args.dir, f"{args.preset}-hf")
     t0 = time.perf_counter()
-    write_random_npz(npz, config, dtype)
+    if args.reuse and os.path.exists(npz):
+        how = "reused"
+    else:
+        write_random_npz(npz, config, dtype)
+        how = f"written in {time.perf_counter() - t0:.0f}s"
     size = os.path.getsize(npz)
-    print(f"{args.preset} {args.dtype}: {ref.count_params(config):,} params, {size / 1e9:.2f} GB written in "
-          f"{time.perf_counter() - t0:.0f}s (writer peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB)\n")
+    print(f"{args.preset} {args.dtype}: {ref.count_params(config):,} params, {size / 1e9:.2f} GB {how}\n")
     print("| step | seconds | peak RSS (GB) | peak RSS / checkpoint |")
     print("|---|---|---|---|")
     for step in STEPS:

@@ -251,29 +251,30 @@ def _save_hf(folder, config, flat, overwrite, max_shard_bytes):
     os.makedirs(folder, exist_ok=True)
     dtype = flat["llm/embedder/input_embedding"].dtype
     dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(dtype), "float32")
-    shards, current, size = [], {}, 0
-    for name, (key, how, layer) in hf_layout.hf_names_for_save(config).items():
-        w = flat[key] if layer is None else flat[key][(layer,) + hf_layout.bv_slice(how)]
-        w = np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(w), how, key, config))
-        if current and size + w.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = w
-        size += w.nbytes
-    shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else [
+    # Plan the shards from sizes alone, then convert and write one shard at a time.
+    sources = {name: (flat[key] if layer is None else flat[key][(layer,) + hf_layout.bv_slice(how)], how, key)
+               for name, (key, how, layer) in hf_layout.hf_names_for_save(config).items()}
+    shards, size = [[]], 0
+    for name, (source, _, _) in sources.items():
+        if shards[-1] and size + source.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += source.nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    files = dict(zip(names, shards))
-    outputs = ["config.json"] + names + ([] if len(shards) == 1 else ["model.safetensors.index.json"])
-    for out in outputs:
+    index_file = [] if len(shards) == 1 else ["model.safetensors.index.json"]
+    for out in ["config.json"] + files + index_file:
         _refuse_overwrite(os.path.join(folder, out), overwrite)
-    for out, tensors in files.items():
-        _atomic_write(os.path.join(folder, out), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(w.nbytes for s in shards for w in s.values())},
-                 "weight_map": {n: out for out, s in files.items() for n in s}}
-        _atomic_write(os.path.join(folder, "model.safetensors.index.json"),
-                      lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
+    for out, names in zip(files, shards):
+        tensors = {n: np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(sources[n][0]), sources[n][1],
+                                                               sources[n][2], config)) for n in names}
+        _atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        del tensors
+    if index_file:
+        index = {"metadata": {"total_size": sum(src.nbytes for src, _, _ in sources.values())},
+                 "weight_map": {n: out for out, names in zip(files, shards) for n in names}}
+        _atomic_write(os.path.join(folder, index_file[0]), lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
     hf_json = json.dumps(hf_layout.config_to_hf(config, dtype_name), indent=2)
     _atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
 
