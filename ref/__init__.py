@@ -14,6 +14,7 @@ from .decode import Generation, KVCache, Sampler, extend, generate, parse_sample
 from .mask import make_attn_mask
 from .model import forward
 from .params import cast_params, flatten, init_params, num_params, param_shapes, unflatten
+from .tokenizer import Prompt, Tokenizer, TrainExample, train_tiny_tokenizer
 
 __all__ = [
     "load", "save",
@@ -21,4 +22,5 @@ __all__ = [
     "Generation", "KVCache", "Sampler", "extend", "generate", "parse_sampler", "prefill",
     "make_attn_mask", "forward",
     "cast_params", "flatten", "init_params", "num_params", "param_shapes", "unflatten",
+    "Prompt", "Tokenizer", "TrainExample", "train_tiny_tokenizer",
 ]
