@@ -11,6 +11,7 @@ from .checkpoint import load, save
 from .config import (PRESETS, GemmaConfig, PaliGemmaConfig, VisionConfig, count_params, describe,
                      get_config)
 from .decode import Generation, KVCache, Sampler, extend, generate, parse_sampler, prefill
+from .image import load_image, preprocess
 from .mask import make_attn_mask
 from .model import forward
 from .params import cast_params, flatten, init_params, num_params, param_shapes, unflatten
@@ -20,7 +21,7 @@ __all__ = [
     "load", "save",
     "PRESETS", "GemmaConfig", "PaliGemmaConfig", "VisionConfig", "count_params", "describe", "get_config",
     "Generation", "KVCache", "Sampler", "extend", "generate", "parse_sampler", "prefill",
-    "make_attn_mask", "forward",
+    "load_image", "preprocess", "make_attn_mask", "forward",
     "cast_params", "flatten", "init_params", "num_params", "param_shapes", "unflatten",
     "Prompt", "Tokenizer", "TrainExample", "train_tiny_tokenizer",
 ]
