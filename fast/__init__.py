@@ -1,1 +1,11 @@
-"""Placeholder: built by a later issue."""
+"""The JAX implementation of PaliGemma and PaliGemma 2: `paligemma.ref`'s model, jit-compiled.
+
+Same file names, function names and parameter tree as `paligemma.ref`; runtime choices
+(dtypes, attention implementation, remat) live in `Policy`.
+"""
+
+from .decode import extend, generate, prefill
+from .model import forward
+from .policy import BFLOAT16, FLOAT32, Policy
+
+__all__ = ["forward", "generate", "prefill", "extend", "Policy", "FLOAT32", "BFLOAT16"]

@@ -207,6 +207,17 @@ class Generation(NamedTuple):
         return np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1) + 1, self.tokens.shape[1])
 
 
+def validate_generate_args(config, images, tokens, mask_ar, input_mask, max_new_tokens, sampler):
+    """`validate_inputs` plus the decoding arguments; returns the arrays and a `Sampler`."""
+    images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    empty = np.flatnonzero(~input_mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"input_mask: expected at least one real token per example, got none in examples {empty.tolist()}")
+    return images, tokens, mask_ar, input_mask, parse_sampler(sampler)
+
+
 def generate(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None,
              max_new_tokens=32, sampler="greedy", seed=0, cache_dtype=None):
     """Continues each prompt until EOS or `max_new_tokens`.
@@ -222,13 +233,8 @@ def generate(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mas
     Returns:
       `Generation(tokens [B, max_new_tokens], logprobs [B, max_new_tokens])`.
     """
-    images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
-    sampler = parse_sampler(sampler)
-    empty = np.flatnonzero(~input_mask.any(axis=1))
-    if empty.size:
-        raise ValueError(f"input_mask: expected at least one real token per example, got none in examples {empty.tolist()}")
+    images, tokens, mask_ar, input_mask, sampler = validate_generate_args(
+        config, images, tokens, mask_ar, input_mask, max_new_tokens, sampler)
     cache, logits = prefill(params, config, images, tokens, mask_ar, input_mask, max_new_tokens, cache_dtype)
     if sampler.kind == "beam":
         return beam_search(params, config, cache, logits, sampler.beam_size, max_new_tokens)

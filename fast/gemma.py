@@ -1,0 +1,146 @@
+"""Gemma / Gemma 2 decoder in JAX (mirrors `paligemma.ref.gemma`, same names, same order).
+
+Axes: B batch, T query tokens, S key tokens, N query heads, K kv heads, G = N / K, H head
+dim, D width, F mlp width, V vocabulary, L layers. Layers run under `lax.scan` over the
+stacked parameters (compile time does not grow with depth); the KV cache, when given, is
+scanned alongside and returned updated. Norms, softmax and logits are computed in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paligemma.ref.config import GemmaConfig
+
+from .attention import attend
+from .policy import Policy
+
+
+def _cast(w, x):
+    return jnp.asarray(w).astype(x.dtype)
+
+
+def embed_tokens(params, tokens, dtype):
+    """Token embeddings times sqrt(D), the scalar cast to the table's dtype first: [B, T] -> [B, T, D]."""
+    table = params["input_embedding"]  # [V, D]
+    scale = jnp.asarray(np.sqrt(table.shape[-1]), dtype=table.dtype)
+    return (jnp.take(table, tokens, axis=0) * scale).astype(dtype)  # [B, T, D]
+
+
+def rms_norm(x, scale, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) * (1 + scale), statistics in float32; `1 + scale` formed in the
+    parameter dtype (bf16 stays bf16, as in big_vision)."""
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # [..., 1]
+    return (x32 * inv_rms * (1 + scale).astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_table(num_positions, head_dim, base=10_000.0):
+    """sin and cos for positions 0..num_positions-1, computed in float64 on the host.
+
+    Angles grow with the position; computing them in float32 would cost ~position * 6e-8 rad
+    (2e-4 at 4096), which is visible against the float64 reference. Returns two
+    [num_positions, H/2] float32 arrays.
+    """
+    timescale = base ** (2.0 * np.arange(head_dim // 2) / head_dim)  # [H/2]
+    theta = np.arange(num_positions, dtype=np.float64)[:, None] / timescale  # [S, H/2]
+    return np.sin(theta).astype(np.float32), np.cos(theta).astype(np.float32)
+
+
+def apply_rope(x, positions, table):
+    """Rotate-half RoPE: [x1 cos - x2 sin, x2 cos + x1 sin] with x1, x2 the halves of H.
+
+    Args:
+      x: [B, T, N, H]; positions: [B, T] int; table: `rope_table(...)` covering the positions.
+    """
+    H = x.shape[-1]
+    sin = jnp.take(table[0], positions, axis=0)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+    cos = jnp.take(table[1], positions, axis=0)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., : H // 2], x[..., H // 2 :]  # [B, T, N, H/2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None):
+    """Self-attention of one layer.
+
+    Args:
+      params: one layer of `attn`; x: [B, T, D]; positions: [B, T]; attn_mask: [B, T, S] bool.
+      rope: `rope_table(...)`.
+      kv_cache: optional `(k_cache [B, S, K, H], v_cache [B, S, K, H], slot)`: the new keys and
+        values are written at rows slot..slot+T and attention reads the whole cache.
+    Returns:
+      ([B, T, D], updated (k_cache, v_cache) or None).
+    """
+    q = jnp.einsum("BTD,NDH->BTNH", x, _cast(params["q_einsum"]["w"], x))  # [B, T, N, H]
+    kv = _cast(params["kv_einsum"]["w"], x)  # [2, K, D, H]
+    k = jnp.einsum("BSD,KDH->BSKH", x, kv[0])  # [B, T, K, H]
+    v = jnp.einsum("BSD,KDH->BSKH", x, kv[1])  # [B, T, K, H]
+    q = apply_rope(q, positions, rope) * jnp.asarray(config.query_scale, x.dtype)
+    k = apply_rope(k, positions, rope)
+    updated = None
+    if kv_cache is not None:
+        k_cache, v_cache, slot = kv_cache
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+        updated = (k_cache, v_cache)
+        k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
+    enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy)  # [B, T, N, H]
+    return jnp.einsum("BTNH,NHD->BTD", enc, _cast(params["attn_vec_einsum"]["w"], x)), updated
+
+
+def mlp(params, x):
+    """GeGLU: (gelu_tanh(x W_gate) * (x W_up)) W_down."""
+    w = _cast(params["gating_einsum"], x)  # [2, D, F]
+    gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, w[0]), approximate=True)  # [B, T, F]
+    up = jnp.einsum("BTD,DF->BTF", x, w[1])  # [B, T, F]
+    return jnp.einsum("BTF,FD->BTD", gate * up, _cast(params["linear"], x))  # [B, T, D]
+
+
+def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None):
+    """One decoder layer; returns (x [B, T, D], updated cache or None)."""
+    eps = config.norm_eps
+    h, updated = attention(params["attn"], rms_norm(x, params["pre_attention_norm"]["scale"], eps),
+                           positions, attn_mask, config, policy, rope, kv_cache)  # [B, T, D]
+    if config.post_norms:
+        h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
+    x = x + h
+    h = mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps))  # [B, T, D]
+    if config.post_norms:
+        h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
+    return x + h, updated
+
+
+def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
+                local_mask=None, kv_cache=None):
+    """All layers (scanned) and the final norm.
+
+    Args:
+      params: the `llm` subtree; x: [B, T, D]; positions: [B, T]; attn_mask, local_mask: [B, T, S]
+        (local: sliding-window layers, HF's even layers); kv_cache: optional
+        `(k [L, B, S, K, H], v [L, B, S, K, H], slot)`.
+    Returns:
+      (pre-logits [B, T, D], updated (k, v) or None).
+    """
+    windowed = config.sliding_window is not None
+
+    def step(x, layer):
+        params_l, index, cache_l = layer
+        mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
+        kv = None if cache_l is None else (*cache_l, kv_cache[2])
+        x, updated = block(params_l, x, positions, mask, config, policy, rope, kv)
+        return x, updated
+
+    if policy.remat == "full":
+        step = jax.checkpoint(step)
+    caches = None if kv_cache is None else (kv_cache[0], kv_cache[1])
+    x, updated = jax.lax.scan(step, x, (params["layers"], jnp.arange(config.depth), caches))
+    return rms_norm(x, params["final_norm"]["scale"], config.norm_eps), updated
+
+
+def logits(params, pre_logits, config: GemmaConfig):
+    """Tied projection `pre_logits @ E^T` in float32, then the optional final softcap: [B, T, V]."""
+    table = params["embedder"]["input_embedding"]  # [V, D]
+    out = jnp.einsum("BTD,VD->BTV", pre_logits, table.astype(pre_logits.dtype),
+                     preferred_element_type=jnp.float32)  # [B, T, V]
+    cap = config.final_logits_softcap
+    return cap * jnp.tanh(out / cap) if cap else out

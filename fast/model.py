@@ -1,0 +1,75 @@
+"""PaliGemma forward pass in JAX (mirrors `paligemma.ref.model`).
+
+Axes: B batch, P image tokens, T text tokens, D width, V vocabulary.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from paligemma.ref.config import PaliGemmaConfig
+from paligemma.ref.model import validate_inputs
+
+from . import gemma, siglip
+from .mask import make_attn_mask, positions_from_mask, same_block, sliding_window
+from .policy import FLOAT32, Policy
+
+
+def legacy_image_scaling(zimg, param_dtype):
+    """transformers 4.41-5.3: `(zimg / sqrt(D)) * sqrt(D)`, each result rounded to the parameter dtype."""
+    width = zimg.shape[-1]
+    rounded = zimg.astype(param_dtype).astype(jnp.float32)
+    divided = (rounded / jnp.float32(math.sqrt(width))).astype(param_dtype)
+    return (divided * jnp.asarray(math.sqrt(width), param_dtype)).astype(zimg.dtype)
+
+
+def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, policy: Policy):
+    """[image ; text] embeddings and the masks extended over the image tokens.
+
+    Returns:
+      x [B, P+T, D], input_mask [B, P+T] bool, mask_ar [B, P+T] int32.
+    """
+    table = params["llm"]["embedder"]["input_embedding"]
+    zimg = siglip.embed_image(params["img"], config.vision, images, policy)  # [B, P, D]
+    if config.legacy_image_scaling:
+        zimg = legacy_image_scaling(zimg, table.dtype)
+    ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, policy.dtype)  # [B, T, D]
+    x = jnp.concatenate([zimg.astype(policy.dtype), ztxt], axis=1)  # [B, P+T, D]
+    B, P = zimg.shape[:2]
+    input_mask = jnp.concatenate([jnp.ones((B, P), bool), input_mask.astype(bool)], axis=1)
+    mask_ar = jnp.concatenate([jnp.zeros((B, P), jnp.int32), mask_ar.astype(jnp.int32)], axis=1)
+    return x, input_mask, mask_ar
+
+
+def prefix_lm_masks(config: PaliGemmaConfig, input_mask, mask_ar):
+    """Global mask [B, T, T], sliding-window mask (or None) and positions [B, T]."""
+    attn_mask = make_attn_mask(input_mask, mask_ar)
+    positions = positions_from_mask(input_mask)
+    local_mask = None
+    if config.llm.sliding_window is not None:
+        local_mask = sliding_window(attn_mask, positions, positions, config.llm.sliding_window,
+                                    same_block(input_mask, mask_ar))
+    return attn_mask, local_mask, positions
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
+    x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
+    attn_mask, local_mask, positions = prefix_lm_masks(config, full_mask, full_ar)
+    rope = gemma.rope_table(x.shape[1], config.llm.head_dim, config.llm.rope_base)
+    pre_logits, _ = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, policy, rope, local_mask)
+    return gemma.logits(params["llm"], pre_logits[:, config.vision.num_patches :], config.llm)  # [B, T, V]
+
+
+def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None, policy: Policy = FLOAT32):
+    """Text logits [B, T, V] (float32), jit-compiled; the reference's signature and semantics.
+
+    Args:
+      params: `{"img": ..., "llm": ...}` (NumPy or JAX arrays, float32 or bfloat16).
+      images: [B, R, R, 3] in [-1, 1]; tokens, mask_ar, input_mask: [B, T] as in `ref.forward`.
+      policy: compute / cache dtypes, attention implementation, remat.
+    """
+    images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
+    return _forward(params, images, tokens.astype("int32"), mask_ar.astype("int32"), input_mask, config, policy)

@@ -1,0 +1,49 @@
+"""How the JAX implementation computes: dtypes, attention implementation, rematerialisation.
+
+The model's *shape* lives in `paligemma.ref.config` (shared by both implementations); this
+dataclass holds the runtime choices that only the fast path has. Both are static arguments
+of every jitted function, so each combination compiles once.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla",)
+REMAT_POLICIES = ("none", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Runtime choices of `paligemma.fast`.
+
+    compute_dtype: activations ("float32" or "bfloat16"); norms, softmax and logits are always
+      computed in float32, whatever this says.
+    cache_dtype: the KV cache ("float32" or "bfloat16"; big_vision uses bfloat16).
+    attention_impl: "xla" (plain einsums); the Pallas kernels register here later.
+    remat: "none" or "full" (recompute each layer in the backward pass: less memory for
+      fine-tuning, no effect on results).
+    """
+
+    compute_dtype: str = "float32"
+    cache_dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        for name, allowed in (("compute_dtype", ("float32", "bfloat16")), ("cache_dtype", ("float32", "bfloat16")),
+                              ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Policy: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def kv_dtype(self):
+        return jnp.dtype(self.cache_dtype)
+
+
+FLOAT32 = Policy()
+BFLOAT16 = Policy(compute_dtype="bfloat16", cache_dtype="bfloat16")

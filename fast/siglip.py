@@ -1,0 +1,93 @@
+"""SigLIP So400m/14 image tower and projection, in JAX (mirrors `paligemma.ref.siglip`).
+
+Axes: B batch, P image tokens, W vision width, M vision mlp width, N heads, H head dim,
+D language-model width. The 27 blocks run under `lax.scan` over the stacked parameters.
+LayerNorm statistics and the attention softmax are computed in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from paligemma.ref.config import VisionConfig
+
+from .policy import Policy
+
+
+def _cast(w, x):
+    return jnp.asarray(w).astype(x.dtype)
+
+
+def patch_embed(params, images, patch_size):
+    """[B, R, R, 3] -> [B, P, W]: non-overlapping patches times a [p, p, 3, W] kernel, plus bias."""
+    B, R, _, C = images.shape
+    g, p = R // patch_size, patch_size
+    patches = images.reshape(B, g, p, g, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, g * g, p, p, C)
+    x = jnp.einsum("BPijc,ijcW->BPW", patches, _cast(params["kernel"], images))  # [B, P, W]
+    return x + _cast(params["bias"], x)
+
+
+def add_position_embedding(x, pos_embedding):
+    return x + _cast(pos_embedding, x)  # [B, P, W]
+
+
+def layer_norm(x, scale, bias, eps):
+    """LayerNorm over the last axis, statistics in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)  # [..., 1]
+    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)  # [..., 1]
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(params, x):
+    """Multi-head self-attention with biases and no mask: [B, P, W] -> [B, P, W]."""
+    q = jnp.einsum("BPW,WNH->BPNH", x, _cast(params["query"]["kernel"], x)) + _cast(params["query"]["bias"], x)
+    k = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["key"]["kernel"], x)) + _cast(params["key"]["bias"], x)
+    v = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["value"]["kernel"], x)) + _cast(params["value"]["bias"], x)
+    H = q.shape[-1]
+    logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, N, P, S]
+    enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
+    out = jnp.einsum("BPNH,NHW->BPW", enc, _cast(params["out"]["kernel"], x))  # [B, P, W]
+    return out + _cast(params["out"]["bias"], x)
+
+
+def mlp(params, x):
+    """Dense W->M, tanh-GELU, Dense M->W (both with bias)."""
+    h = jnp.einsum("BPW,WM->BPM", x, _cast(params["Dense_0"]["kernel"], x)) + _cast(params["Dense_0"]["bias"], x)
+    h = jax.nn.gelu(h, approximate=True)  # [B, P, M]
+    out = jnp.einsum("BPM,MW->BPW", h, _cast(params["Dense_1"]["kernel"], x))  # [B, P, W]
+    return out + _cast(params["Dense_1"]["bias"], x)
+
+
+def encoder_block(params, x, eps):
+    """One pre-LN ViT block; `params` is one layer's slice of `encoderblock`."""
+    y = layer_norm(x, params["LayerNorm_0"]["scale"], params["LayerNorm_0"]["bias"], eps)
+    x = x + attention(params["MultiHeadDotProductAttention_0"], y)  # [B, P, W]
+    y = layer_norm(x, params["LayerNorm_1"]["scale"], params["LayerNorm_1"]["bias"], eps)
+    return x + mlp(params["MlpBlock_0"], y)  # [B, P, W]
+
+
+def encode(params, config: VisionConfig, images, policy: Policy):
+    """[B, R, R, 3] -> [B, P, W] after the last block and the final LayerNorm."""
+    x = patch_embed(params["embedding"], images.astype(policy.dtype), config.patch_size)  # [B, P, W]
+    x = add_position_embedding(x, params["pos_embedding"])
+
+    def step(x, layer):
+        return encoder_block(layer, x, config.layer_norm_eps), None
+
+    if policy.remat == "full":
+        step = jax.checkpoint(step)
+    x, _ = jax.lax.scan(step, x, params["Transformer"]["encoderblock"])  # [B, P, W]
+    norm = params["Transformer"]["encoder_norm"]
+    return layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps)
+
+
+def head(params, x):
+    """Dense W->D with bias, per token."""
+    return jnp.einsum("BPW,WD->BPD", x, _cast(params["kernel"], x)) + _cast(params["bias"], x)  # [B, P, D]
+
+
+def embed_image(params, config: VisionConfig, images, policy: Policy):
+    """Image tokens as the language model sees them: [B, R, R, 3] -> [B, P, D]."""
+    return head(params["head"], encode(params, config, images, policy))
