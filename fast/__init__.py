@@ -6,6 +6,7 @@ Same file names, function names and parameter tree as `paligemma.ref`; runtime c
 
 from .decode import extend, generate, prefill
 from .model import forward
+from .pipeline import PaliGemma
 from .policy import BFLOAT16, FLOAT32, Policy
 
-__all__ = ["forward", "generate", "prefill", "extend", "Policy", "FLOAT32", "BFLOAT16"]
+__all__ = ["forward", "generate", "prefill", "extend", "Policy", "FLOAT32", "BFLOAT16", "PaliGemma"]

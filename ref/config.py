@@ -111,7 +111,9 @@ class PaliGemmaConfig:
 
     vision: VisionConfig = VisionConfig()
     llm: GemmaConfig = GemmaConfig()
-    name: str = "custom"
+    # A label only: not part of equality or hashing, so the same model loaded from two files
+    # compiles once in `paligemma.fast`.
+    name: str = dataclasses.field(default="custom", compare=False)
     pad_id: int = 0
     eos_id: int = 1
     bos_id: int = 2

@@ -1,0 +1,255 @@
+"""`paligemma generate`: load a checkpoint and a tokenizer, print the text for each (image, prompt).
+
+    paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
+    paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
+    paligemma generate ... --impl ref --dtype float64 --top-k 40 --temperature 0.8 --show-tokens
+
+Progress ("loading tokenizer", "loading checkpoint", "preparing parameters", "compiling",
+"generating") goes to stderr: on a terminal as a live line completed with its time, otherwise
+one line per finished stage; `--quiet` turns it off. User errors (bad arguments, missing or
+unreadable files, a tokenizer that does not fit the checkpoint) exit with status 2 and one line
+on stderr; `--debug` adds the traceback.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
+IMPLS = ("fast", "ref")
+DTYPES = ("float32", "bfloat16", "float64")
+PREPROCESS = ("big_vision", "hf")
+
+
+class UsageError(ValueError):
+    """A bad command line found after parsing (conflicting flags, missing files)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (status 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class StatusLines:
+    """Timed progress on a stream, used as `with status("loading checkpoint"): ...`.
+
+    Args:
+      stream: where to write (stderr).
+      enabled: False writes nothing.
+    On a terminal a stage shows as "stage ..." while it runs and is completed in place with
+    its time; elsewhere (a log, a pipe) only one line per finished stage is written.
+    """
+
+    def __init__(self, stream, enabled=True):
+        self.stream, self.enabled = stream, enabled
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        if not self.enabled:
+            yield
+            return
+        if self.tty:
+            self._write(f"{stage} ...")
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if self.tty:
+                self._write(" failed\n")
+            raise
+        elapsed = time.perf_counter() - start
+        self._write(f" done in {elapsed:.2f} s\n" if self.tty else f"paligemma: {stage}: {elapsed:.2f} s\n")
+
+    def _write(self, text):
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser():
+    """The argument parser of the `paligemma` command. Returns `argparse.ArgumentParser`."""
+    parser = _Parser(prog="paligemma", description="PaliGemma and PaliGemma 2 from the command line.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = commands.add_parser("generate", help="generate text for images and prompts",
+                            description="Generate text for each (image, prompt) pair: equal numbers of "
+                                        "--image and --prompt pair up in order; one of either goes with "
+                                        "every one of the other.")
+    g.add_argument("--checkpoint", required=True, metavar="PATH", help="big_vision .npz, .safetensors or HF dir")
+    g.add_argument("--tokenizer", required=True, metavar="PATH", help="SentencePiece .model file")
+    g.add_argument("--image", required=True, action="append", metavar="FILE", help="repeat for several")
+    g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help='e.g. "caption en"; repeatable')
+    g.add_argument("--impl", choices=IMPLS, default="fast", help="JAX (compiled) or the NumPy reference")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="float64: --impl ref only")
+    g.add_argument("--preprocess", choices=PREPROCESS, default="big_vision", help="image resize convention")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    g.add_argument("--seed", type=int, default=0, metavar="N")
+    s = g.add_argument_group("sampling (default greedy; --sampler or the convenience flags)")
+    s.add_argument("--sampler", metavar="SPEC", help="greedy, temperature(t), top_k(k[, t]), nucleus(p[, t]), beam(n)")
+    s.add_argument("--temperature", type=float, metavar="T")
+    s.add_argument("--top-k", type=int, metavar="K")
+    s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
+    s.add_argument("--beam", type=int, metavar="N", help="beam search with N beams")
+    g.add_argument("--no-final-softcap", action="store_true", help="load with final_logits_softcap=None")
+    g.add_argument("--show-tokens", action="store_true", help="also print generated ids and log-probabilities")
+    g.add_argument("--json", action="store_true", help="one JSON object per line")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    g.set_defaults(run=run_generate)
+    return parser
+
+
+def sampler_spec(args):
+    """The sampler spec string from `--sampler` or the convenience flags.
+
+    Raises:
+      UsageError for conflicting flags; ValueError (from `parse_sampler`) for bad values.
+    """
+    from paligemma.ref import parse_sampler
+
+    given = {flag: value for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                             ("--top-p", args.top_p), ("--beam", args.beam)) if value is not None}
+    if args.sampler is not None and given:
+        raise UsageError(f"--sampler cannot be combined with {', '.join(given)}")
+    if "--beam" in given and len(given) > 1:
+        raise UsageError(f"--beam cannot be combined with {', '.join(f for f in given if f != '--beam')}")
+    if "--top-k" in given and "--top-p" in given:
+        raise UsageError("--top-k and --top-p cannot be combined; pick one")
+    t = "" if args.temperature is None else f", {args.temperature!r}"
+    if args.sampler is not None:
+        spec = args.sampler
+    elif args.top_k is not None:
+        spec = f"top_k({args.top_k}{t})"
+    elif args.top_p is not None:
+        spec = f"nucleus({args.top_p!r}{t})"
+    elif args.beam is not None:
+        spec = f"beam({args.beam})"
+    elif args.temperature is not None:
+        spec = f"temperature({args.temperature!r})"
+    else:
+        spec = "greedy"
+    parse_sampler(spec)  # reject bad values now, before the checkpoint is read
+    return spec
+
+
+def _check_file(path, flag, directory_ok=False):
+    """Raises UsageError unless `path` is a readable file (or a directory, if allowed)."""
+    if directory_ok and os.path.isdir(path):
+        return
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory, expected a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+
+
+def _check_inputs(args):
+    """Checks counts and files before anything slow runs."""
+    n_images, n_prompts = len(args.image), len(args.prompt)
+    if n_images > 1 and n_prompts > 1 and n_images != n_prompts:
+        raise UsageError(f"{n_images} --image and {n_prompts} --prompt: give equal numbers, or one of either")
+    if args.impl == "fast" and args.dtype == "float64":
+        raise UsageError("--dtype float64 needs --impl ref (the JAX implementation runs float32 or bfloat16)")
+    _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    _check_file(args.tokenizer, "--tokenizer")
+    from paligemma.ref import load_image
+
+    for path in args.image:
+        _check_file(path, "--image")
+        load_image(path)  # decode now (ImageError) rather than after a long checkpoint load
+
+
+def _escape(text):
+    """Text on one line: backslashes, newlines and tabs written as escapes."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def print_results(pairs, results, show_tokens, as_json, out):
+    """Writes one entry per (image, prompt) pair.
+
+    Args:
+      pairs: [(image path, prompt)].
+      results: the `Result`s, in the same order.
+      show_tokens: add the generated ids and log-probabilities.
+      as_json: one JSON object per line instead of text.
+      out: the stream (stdout).
+    """
+    for (image, prompt), r in zip(pairs, results):
+        if as_json:
+            record = {"image": image, "prompt": prompt, "text": r.text, "finished": r.finished}
+            if show_tokens:
+                record.update(tokens=r.tokens.tolist(), logprobs=[round(float(x), 6) for x in r.logprobs])
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            continue
+        # One pair: the bare text. Several: image <TAB> prompt <TAB> text, one line each.
+        out.write((r.text if len(pairs) == 1 else "\t".join(map(_escape, (image, prompt, r.text)))) + "\n")
+        if show_tokens:
+            out.write("  tokens: " + " ".join(str(int(i)) for i in r.tokens) + "\n")
+            out.write("  logprobs: " + " ".join(f"{x:.4f}" for x in r.logprobs) + "\n")
+
+
+def run_generate(args):
+    """The `generate` command. Returns the exit status."""
+    spec = sampler_spec(args)
+    _check_inputs(args)
+    from paligemma.fast.pipeline import PaliGemma
+
+    overrides = {"final_logits_softcap": None} if args.no_final_softcap else {}
+    status = StatusLines(sys.stderr, enabled=not args.quiet)
+    model = PaliGemma.load(args.checkpoint, args.tokenizer, impl=args.impl, dtype=args.dtype,
+                           preprocess=args.preprocess, progress=status, **overrides)
+    images = args.image if len(args.image) > 1 else args.image[0]
+    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    results = model.generate(images, prompts, max_new_tokens=args.max_new_tokens, sampler=spec, seed=args.seed)
+    results = results if isinstance(results, list) else [results]
+    n = len(results)
+    pairs = list(zip(args.image * n if len(args.image) == 1 else args.image,
+                     args.prompt * n if len(args.prompt) == 1 else args.prompt))
+    print_results(pairs, results, args.show_tokens, args.json, sys.stdout)
+    return 0
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default `sys.argv[1:]`). Returns the exit status.
+
+    0 success, 2 a user error (one line on stderr; the traceback too with `--debug`),
+    130 interrupted. Unexpected failures propagate with their traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one line (or --help)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:  # bad files, mismatched inputs, bad values: the user's to fix
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"paligemma {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"paligemma {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

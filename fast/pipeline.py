@@ -1,0 +1,254 @@
+"""A user-level API: load a checkpoint and a tokenizer once, then generate text from images.
+
+    from paligemma.fast import PaliGemma
+    model = PaliGemma.load("paligemma2-3b-pt-224/", "paligemma_tokenizer.model", dtype="bfloat16")
+    model.generate("cat.jpg", "caption en").text                   # one image, one prompt: one Result
+    model.generate("cat.jpg", ["caption en", "ocr"])               # one image, several prompts: a list
+    model.generate(["a.jpg", "b.jpg"], ["caption en", "ocr"])      # pairs: a list
+    model.generate(["a.jpg", "b.jpg"], "caption en")               # one prompt for every image: a list
+
+`impl="fast"` runs the compiled `paligemma.fast.generate` (float32 or bfloat16 policy, the
+parameters put on the device once); `impl="ref"` runs the NumPy reference (float32, bfloat16
+parameters computed in float32 with big_vision's cast points, or float64).
+
+Vocabulary: the tokenizer decides it. A checkpoint with more embedding rows than the tokenizer
+has pieces (Hugging Face pads 257152 to 257216) is sliced to the tokenizer's `vocab_size`
+in memory (a view, no copy), so generation can never emit an id the tokenizer cannot decode;
+log-probabilities are then normalised over the real pieces only. Fewer rows than pieces, or
+special ids that differ from the tokenizer's, are a wrong pairing and raise ValueError.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from paligemma import ref
+from paligemma.ref.params import tree_map
+
+from .decode import generate as fast_generate
+from .policy import BFLOAT16, FLOAT32
+
+IMPLS = ("fast", "ref")
+PREPROCESS_METHODS = ("big_vision", "hf")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
+_FAST_DTYPES = ("float32", "bfloat16")  # float64 is the reference's gold standard only
+_FAST_POLICIES = {"float32": FLOAT32, "bfloat16": BFLOAT16}
+_TEXT_BUCKET = 16  # fast: prompts padded to a multiple of this, so new lengths rarely recompile
+# fast: the static arguments `generate` has compiled for in this process (jit's cache is global,
+# so a second model with the same config and shapes compiles nothing); only labels progress.
+_COMPILED = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One generation.
+
+    text: the decoded text before EOS.
+    tokens: [n] int64 generated ids before EOS (EOS and padding left out).
+    logprobs: [n] float64 log-probabilities of those ids under the model.
+    finished: True if the model produced EOS within `max_new_tokens`.
+    """
+
+    text: str
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    finished: bool
+
+
+def no_progress(stage):
+    """The default progress hook: `with progress("loading checkpoint"): ...` does nothing."""
+    del stage
+    return contextlib.nullcontext()
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def fit_vocab(config, params, tokenizer):
+    """`(config, params)` with the embedding cut to the tokenizer's vocabulary.
+
+    Args:
+      config, params: a loaded model (params in big_vision's tree layout; not modified).
+      tokenizer: a `paligemma.ref.Tokenizer`.
+    Returns:
+      `(config, params)`: the embedding sliced (a view) to `tokenizer.vocab_size` rows.
+    Raises:
+      ValueError if the embedding has fewer rows than the tokenizer has pieces, or if the
+      config's pad/eos/bos ids differ from the tokenizer's.
+    """
+    table = params["llm"]["embedder"]["input_embedding"]
+    rows, vocab = table.shape[0], tokenizer.vocab_size
+    if rows < vocab:
+        raise ValueError(f"tokenizer {tokenizer.name} has {vocab} pieces but the checkpoint's embedding has "
+                         f"only {rows} rows: the tokenizer does not belong to this checkpoint")
+    ours = {"pad_id": config.pad_id, "eos_id": config.eos_id, "bos_id": config.bos_id}
+    theirs = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
+    if ours != theirs:
+        raise ValueError(f"special ids differ: checkpoint {ours}, tokenizer {tokenizer.name} {theirs}; "
+                         "pass pad_id=, eos_id=, bos_id= to load() if the checkpoint's are wrong")
+    embedder = {**params["llm"]["embedder"], "input_embedding": table[:vocab]}
+    params = {**params, "llm": {**params["llm"], "embedder": embedder}}
+    return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab)), params
+
+
+def _place(params, impl, dtype):
+    """Parameters in `dtype`, as NumPy arrays (ref) or device arrays (fast).
+
+    Leaf by leaf: for fast, the host holds at most one cast leaf at a time on its way to the
+    device; a leaf already in `dtype` (e.g. a memory-mapped .npz member) is not copied on the host.
+    """
+    np_dtype = DTYPES[dtype]
+    if impl == "ref":
+        return tree_map(lambda x: np.asarray(x).astype(np_dtype, copy=False), params)
+    return tree_map(lambda x: jax.device_put(np.asarray(x).astype(np_dtype, copy=False)), params)
+
+
+def _as_list(value, name):
+    """(items, was_a_list): a list/tuple stays a list, anything else is one item."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name}: empty list, expected at least one")
+        return list(value), True
+    return [value], False
+
+
+def _pair(images, prompts):
+    """Images and prompts matched one to one: (image list, prompt list, shared image?, batched?)."""
+    image_list, images_batched = _as_list(images, "images")
+    prompt_list, prompts_batched = _as_list(prompts, "prompts")
+    bad = [type(p).__name__ for p in prompt_list if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts: expected str or a list of str, got {bad[0]}")
+    if images_batched and prompts_batched and len(image_list) != len(prompt_list):
+        raise ValueError(f"got {len(image_list)} images and {len(prompt_list)} prompts; expected equal-length "
+                         "lists, one image with a list of prompts, or a list of images with one prompt")
+    if not prompts_batched:
+        prompt_list = prompt_list * len(image_list)
+    return image_list, prompt_list, not images_batched, images_batched or prompts_batched
+
+
+def _pad_prompts(prompt, multiple, pad_id):
+    """A batch of prompts right-padded to a multiple of `multiple` tokens (padding is masked)."""
+    extra = -prompt.tokens.shape[1] % multiple
+    pad = lambda a, value: np.pad(a, ((0, 0), (0, extra)), constant_values=value)  # noqa: E731
+    return ref.Prompt(pad(prompt.tokens, pad_id), pad(prompt.mask_ar, 1), pad(prompt.input_mask, False))
+
+
+def _result(tokenizer, tokens, logprobs, eos_id):
+    """A `Result` from one generated row (cut at the first EOS)."""
+    is_eos = tokens == eos_id
+    n = int(np.argmax(is_eos)) if is_eos.any() else len(tokens)
+    kept = np.asarray(tokens[:n], dtype=np.int64)
+    return Result(tokenizer.decode(kept, stop_at_eos=False), kept, np.asarray(logprobs[:n], np.float64),
+                  bool(is_eos.any()))
+
+
+class PaliGemma:
+    """A model and its tokenizer, ready to generate text from images.
+
+    Args:
+      config, params: a loaded model (`paligemma.ref.load`), params in big_vision's layout.
+      tokenizer: a `paligemma.ref.Tokenizer` or the path of a SentencePiece `.model` file.
+      impl: "fast" (JAX, compiled) or "ref" (NumPy reference).
+      dtype: "float32" or "bfloat16" (both impls), or "float64" (ref only).
+      preprocess: image convention, "big_vision" or "hf" (see `paligemma.ref.preprocess`).
+      progress: `progress(stage)` returning a context manager, entered around each slow stage
+        ("preparing parameters", "compiling", "generating"); see `no_progress`. "compiling" is
+        the fast impl's first call at new shapes: the compilation and that call's generation.
+    Raises:
+      ValueError for an unknown impl/dtype/preprocess or a tokenizer that does not fit.
+    """
+
+    def __init__(self, config, params, tokenizer, impl="fast", dtype="float32", preprocess="big_vision",
+                 progress=no_progress):
+        _check_choice("impl", impl, IMPLS)
+        _check_choice("dtype", dtype, _FAST_DTYPES if impl == "fast" else tuple(DTYPES))
+        _check_choice("preprocess", preprocess, PREPROCESS_METHODS)
+        self.tokenizer = tokenizer if isinstance(tokenizer, ref.Tokenizer) else ref.Tokenizer(tokenizer)
+        self.impl, self.dtype, self.preprocess, self.progress = impl, dtype, preprocess, progress
+        self.config, params = fit_vocab(config, params, self.tokenizer)
+        with progress("preparing parameters"):
+            self.params = _place(params, impl, dtype)
+
+    @classmethod
+    def load(cls, checkpoint, tokenizer, impl="fast", dtype="float32", preprocess="big_vision",
+             progress=no_progress, **load_overrides):
+        """Reads a tokenizer and a checkpoint (`.npz`, `.safetensors` or an HF directory).
+
+        Args:
+          checkpoint: path for `paligemma.ref.load`.
+          tokenizer: path of the SentencePiece `.model` file (or a `Tokenizer`).
+          impl, dtype, preprocess, progress: see the class.
+          **load_overrides: config fields for `paligemma.ref.load`, e.g. `final_logits_softcap=None`.
+        Returns:
+          `PaliGemma`.
+        Raises:
+          ValueError (CheckpointError, tokenizer errors) for unreadable or mismatched files.
+        """
+        # Check the cheap arguments before reading gigabytes.
+        _check_choice("impl", impl, IMPLS)
+        _check_choice("dtype", dtype, _FAST_DTYPES if impl == "fast" else tuple(DTYPES))
+        _check_choice("preprocess", preprocess, PREPROCESS_METHODS)
+        if not isinstance(tokenizer, ref.Tokenizer):
+            with progress("loading tokenizer"):
+                tokenizer = ref.Tokenizer(os.fspath(tokenizer))
+        with progress("loading checkpoint"):
+            config, params = ref.load(checkpoint, **load_overrides)
+        return cls(config, params, tokenizer, impl, dtype, preprocess, progress)
+
+    def __repr__(self):
+        return (f"PaliGemma({self.config.name}, impl={self.impl!r}, dtype={self.dtype!r}, "
+                f"preprocess={self.preprocess!r}, vocab_size={self.config.llm.vocab_size})")
+
+    def generate(self, images, prompts, max_new_tokens=32, sampler="greedy", seed=0):
+        """Generates text for each (image, prompt) pair, as one batch.
+
+        Args:
+          images: one image (path, bytes, file object, PIL image or uint8 array; see
+            `paligemma.ref.load_image`) or a list (or tuple) of them.
+          prompts: one prompt (e.g. "caption en") or a list of them. One image with a list of
+            prompts pairs the image with each; a list of images with one prompt likewise.
+          max_new_tokens: at most this many tokens per answer (EOS included).
+          sampler: "greedy", "temperature(t)", "top_k(k[, t])", "nucleus(p[, t])" or "beam(n)".
+          seed: seeds sampling (ref and fast draw from different generators).
+        Returns:
+          one `Result` if both arguments are single, else a list of `Result`, one per pair.
+        Raises:
+          ValueError for mismatched counts, unreadable images (ImageError) or bad arguments.
+        """
+        image_list, prompt_list, shared, batched = _pair(images, prompts)
+        # Fail before the images are decoded.
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        sampler = ref.parse_sampler(sampler)
+        size, method = self.config.vision.image_size, self.preprocess
+        # A single image keeps the plain error messages (a list's say "image i: ...").
+        pixels = ref.preprocess(image_list[0] if shared else image_list, size, method)
+        if shared:  # decoded once, then one copy per prompt
+            pixels = np.repeat(pixels[None], len(prompt_list), axis=0)  # [B, R, R, 3]
+        prompt = self.tokenizer.batch_prompts(prompt_list)
+        out = self._run(pixels, prompt, max_new_tokens, sampler, seed)
+        results = [_result(self.tokenizer, t, lp, self.config.eos_id) for t, lp in zip(out.tokens, out.logprobs)]
+        return results if batched else results[0]
+
+    def _run(self, pixels, prompt, max_new_tokens, sampler, seed):
+        """One batched `generate` call of the chosen implementation: a `Generation`."""
+        if self.impl == "ref":
+            with self.progress("generating"):
+                return ref.generate(self.params, self.config, pixels, *prompt, max_new_tokens=max_new_tokens,
+                                    sampler=sampler, seed=seed)
+        prompt = _pad_prompts(prompt, _TEXT_BUCKET, self.tokenizer.pad_id)
+        # A new static shape compiles on its first call; say so, since it takes far longer.
+        policy = _FAST_POLICIES[self.dtype]
+        key = (self.config, policy, prompt.tokens.shape, max_new_tokens, sampler)
+        with self.progress("generating" if key in _COMPILED else "compiling"):
+            out = fast_generate(self.params, self.config, pixels, *prompt, max_new_tokens=max_new_tokens,
+                                sampler=sampler, seed=seed, policy=policy)
+        _COMPILED.add(key)
+        return out
