@@ -20,19 +20,40 @@ def _cast(w, x):
     return jnp.asarray(w).astype(x.dtype)
 
 
+def round_to(x, dtype):
+    """float32 `x` rounded to the precision of the float `dtype` (e.g. bfloat16), still float32.
+
+    The bfloat16 cast points big_vision has (and the reference reproduces) must survive jit: XLA
+    on CPU and GPU computes bfloat16 arithmetic in float32 and, with its default
+    `xla_allow_excess_precision`, drops the rounding back to bfloat16 between fused operations,
+    so `(1 + scale).astype(f32)` on a bfloat16 `scale` silently came out unrounded.
+    `reduce_precision` is an explicit rounding XLA keeps. A no-op for float32 and wider.
+    """
+    dtype = jnp.dtype(dtype)
+    x = jnp.asarray(x, jnp.float32)
+    if jnp.finfo(dtype).bits >= 32:
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def embed_tokens(params, tokens, dtype):
-    """Token embeddings times sqrt(D), the scalar cast to the table's dtype first: [B, T] -> [B, T, D]."""
+    """Token embeddings times sqrt(D), the scalar cast to the table's dtype first and the product
+    rounded to the table's dtype (bf16 x bf16 is exact in float32): [B, T] -> [B, T, D]."""
     table = params["input_embedding"]  # [V, D]
-    scale = jnp.asarray(np.sqrt(table.shape[-1]), dtype=table.dtype)
-    return (jnp.take(table, tokens, axis=0) * scale).astype(dtype)  # [B, T, D]
+    scale = jnp.asarray(np.sqrt(table.shape[-1]), dtype=table.dtype).astype(jnp.float32)
+    rows = jnp.take(table, tokens, axis=0).astype(jnp.float32)  # [B, T, D]
+    return round_to(rows * scale, table.dtype).astype(dtype)  # [B, T, D]
 
 
 def rms_norm(x, scale, eps=1e-6):
-    """x / sqrt(mean(x^2) + eps) * (1 + scale), statistics in float32; `1 + scale` formed in the
+    """x / sqrt(mean(x^2) + eps) * (1 + scale), statistics in float32; `1 + scale` rounded to the
     parameter dtype (bf16 stays bf16, as in big_vision)."""
     x32 = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # [..., 1]
-    return (x32 * inv_rms * (1 + scale).astype(jnp.float32)).astype(x.dtype)
+    scale = jnp.asarray(scale)
+    one_plus = round_to(1 + scale.astype(jnp.float32), scale.dtype)  # [D]
+    return (x32 * inv_rms * one_plus).astype(x.dtype)
 
 
 def rope_table(num_positions, head_dim, base=10_000.0):

@@ -18,11 +18,13 @@ from .policy import FLOAT32, Policy
 
 
 def legacy_image_scaling(zimg, param_dtype):
-    """transformers 4.41-5.3: `(zimg / sqrt(D)) * sqrt(D)`, each result rounded to the parameter dtype."""
+    """transformers 4.41-5.3: `(zimg / sqrt(D)) * sqrt(D)`, each result rounded to the parameter dtype
+    (explicitly, with `gemma.round_to`: XLA may otherwise drop roundings under jit)."""
     width = zimg.shape[-1]
-    rounded = zimg.astype(param_dtype).astype(jnp.float32)
-    divided = (rounded / jnp.float32(math.sqrt(width))).astype(param_dtype)
-    return (divided * jnp.asarray(math.sqrt(width), param_dtype)).astype(zimg.dtype)
+    rounded = gemma.round_to(zimg, param_dtype)  # [B, P, D] float32
+    divided = gemma.round_to(rounded / jnp.float32(math.sqrt(width)), param_dtype)
+    scale = jnp.asarray(math.sqrt(width), param_dtype).astype(jnp.float32)  # 45.25 for bf16, D = 2048
+    return gemma.round_to(divided * scale, param_dtype).astype(zimg.dtype)
 
 
 def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, policy: Policy):

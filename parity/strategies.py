@@ -4,6 +4,10 @@ Porters can drive their own implementation with the same spaces this project tes
 on: `configs()` draws small but structurally complete models (MQA/GQA/MHA, head dims,
 softcaps, post-norms, query scalings, sliding windows, image and patch sizes), `prompts()`
 draws a batch of left-aligned prompts with padding and a forced suffix.
+
+Head dims are mostly tiny, but 72 (SigLIP So400m's head dim, not a power of two, the case
+attention kernels tile awkwardly) is drawn one time in four for the vision tower and one in
+five for the language model.
 """
 
 import numpy as np
@@ -17,7 +21,7 @@ def vision_configs(draw, max_depth=2):
     patch = draw(st.sampled_from([2, 3, 4, 7]))
     grid = draw(st.integers(1, 4))
     heads = draw(st.sampled_from([1, 2, 4]))
-    head_dim = draw(st.sampled_from([4, 6, 8]))
+    head_dim = draw(st.sampled_from([4, 6, 8, 72]))
     return VisionConfig(image_size=patch * grid, patch_size=patch, width=heads * head_dim,
                         depth=draw(st.integers(1, max_depth)), mlp_dim=draw(st.sampled_from([8, 24])),
                         num_heads=heads)
@@ -35,7 +39,7 @@ def gemma_configs(draw, max_depth=3, vocab_size=64):
         mlp_dim=draw(st.sampled_from([8, 32])),
         num_heads=kv_heads * group,
         num_kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from([2, 4, 8, 12])),
+        head_dim=draw(st.sampled_from([2, 4, 8, 12, 72])),
         vocab_size=vocab_size,
         query_scaling=draw(st.sampled_from(["rsqrt_head_dim", "rsqrt_emb_per_head"])),
         attn_logits_softcap=draw(cap) if gemma2 else None,

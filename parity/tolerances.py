@@ -1,0 +1,184 @@
+"""Every numerical tolerance the project compares with, in one place, each with its reasoning.
+
+Relative error. A comparison is "relative": the largest absolute difference divided by the
+largest magnitude of the expected values (`relative_error`). Elementwise relative errors are
+meaningless for logits, many of which sit near zero; the largest logit is the scale a reader
+cares about (a greedy choice, a log-probability) and the scale rounding errors grow with.
+
+Machine epsilons (spacing of numbers just above 1; the unit roundoff u is half of it):
+  float64   2.2e-16        float32   1.19e-7        bfloat16  7.8e-3 (8 significant bits)
+
+How errors grow. A dot product of length n carries about sqrt(n) * u of random rounding error
+relative to its magnitude (n * u at worst); the model chains such products (patch 588, vision
+width 1152 / mlp 4304, LM width D 2048-4608, mlp F 9216-36864, attention over S keys), each
+layer re-normalised by LayerNorm / RMSNorm, so the relative error of the logits is a modest
+multiple of u rather than growing with depth. Softmax and the final projection do not amplify
+it (the softmax's Jacobian is bounded by 1/2 in the logits' absolute error; `c tanh(x / c)` has
+slope <= 1), but a softmax does turn an absolute error of attention logits into a relative
+error of the probabilities, which is why attention logits are always float32.
+
+Sensitivity. That modest multiple is not the same for every model. Tiny random models, as the
+property tests draw them (width 8, one head of dim 2, post-norms that rescale a branch whose
+output nearly cancelled), amplify rounding up to ~100x more than others, so any fixed bound is
+either loose for most models or flaky for a few. We therefore measure how sensitive each
+model is, on each input, to a relative perturbation the size of bfloat16's unit roundoff:
+
+    sensitivity = relative_error(ref.forward(weights rounded to bfloat16), ref.forward(float64 weights))
+
+(the reference's own bfloat16 path, float32 activations). Over the hypothesis space it runs
+from 1.6e-3 to 0.24 (median 1.1e-2; the tiny presets 4e-3 to 1e-2). Float32 rounding is the
+same kind of perturbation 2^16 times smaller, and bfloat16 activations are the same size of
+perturbation applied elsewhere, so errors divided by the sensitivity are tightly bounded (fast
+float32: at most 2.5e-4, i.e. 8 float32 unit roundoffs per unit of bfloat16 sensitivity; fast
+bfloat16: at most 4.9x) where raw errors spread over two decades. A tolerance is
+`max(rel, per_sensitivity * sensitivity)`, capped at `ceiling`: `rel` for ordinarily
+conditioned comparisons, proportionally more for ill-conditioned draws, never more than the
+ceiling (so a broken sensitivity cannot make a bound vacuous).
+
+The measured values quoted below are maxima over the property-based runs of
+tests/test_fast_parity.py (run under the hypothesis "thorough" profile with PARITY_REPORT set);
+each bound keeps a margin of 2-4x on the ratio to the sensitivity and ~10x on the floor, so the
+tests do not flake, while staying far below the effect of a real bug (a wrong RoPE table, a
+swapped GQA head, a missing `1 + scale` move logits by 1e-2 to 1 relative).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """A named bound on `relative_error`, and why it is what it is.
+
+    `bound(sensitivity)` = min(ceiling, max(rel, per_sensitivity * sensitivity)); with the
+    default `per_sensitivity = 0` it is just `rel`.
+    """
+
+    name: str
+    rel: float
+    why: str
+    per_sensitivity: float = 0.0
+    ceiling: float = math.inf
+
+    def bound(self, sensitivity=0.0):
+        return min(self.ceiling, max(self.rel, self.per_sensitivity * float(sensitivity)))
+
+    def __float__(self):
+        return float(self.rel)
+
+
+FLOAT64_EXACT = Tolerance("FLOAT64_EXACT", 1e-10, (
+    "float64 vs float64 of the same mathematics in another order (cached vs uncached decoding, "
+    "batched vs alone, padding moved): epsilon 2.2e-16 times sqrt(n) ~ 100 per dot product and a "
+    "few dozen chained operations gives ~1e-13; 1e-10 leaves 1000x while a 1e-6 effect (an eps "
+    "in the wrong place) still fails."))
+
+FAST_FLOAT32 = Tolerance("FAST_FLOAT32", 1e-5, (
+    "paligemma.fast in float32 (parameters and activations) vs paligemma.ref in float64, logits "
+    "relative to the largest |logit|. Float32 unit roundoff 6e-8 times the sqrt(n) growth of each "
+    "matmul and a handful of chained layers: measured at most 1.4e-6 wherever the sensitivity is "
+    "below 1e-2 (half the draws), so 1e-5 (~80 float32 epsilons) there; ill-conditioned draws "
+    "scale with the sensitivity, measured error / sensitivity <= 2.5e-4, bound 1e-3 x sensitivity "
+    "(largest raw error seen 1.0e-5 at sensitivity 0.24), never above 2e-4."),
+    per_sensitivity=1e-3, ceiling=2e-4)
+
+REF_FLOAT32 = Tolerance("REF_FLOAT32", 1e-5, (
+    "paligemma.ref run on float32 parameters (float32 activations) vs the same in float64: the "
+    "same reasoning as FAST_FLOAT32, for the presets (fixed, ordinarily conditioned)."))
+
+SAME_ROUNDING_FLOAT32 = Tolerance("SAME_ROUNDING_FLOAT32", 2e-5, (
+    "two float32 computations of the same already-rounded inputs (fast vs ref, both on bfloat16 "
+    "parameters with float32 activations and big_vision's bfloat16 cast points): each is within "
+    "FAST_FLOAT32 of the exact result on those parameters, so they are within twice that of each "
+    "other; a disagreement about where bfloat16 rounding happens (`1 + scale`, the sqrt(D) "
+    "embedding scale, HF's legacy image rounding) shows as ~1e-3."),
+    per_sensitivity=2e-3, ceiling=4e-4)
+
+FLOAT32_REORDERED = Tolerance("FLOAT32_REORDERED", 1e-6, (
+    "the same float32 computation in another order or fusion (remat's recomputation, XLA "
+    "fusing differently): a few float32 roundings per operation, ~1e-7 each; 1e-6 is ~8 "
+    "epsilons. On CPU the measured difference is 0."))
+
+HF_FLOAT32 = Tolerance("HF_FLOAT32", 1e-5, (
+    "Hugging Face transformers (torch, float32) vs paligemma.ref in float32: two independent "
+    "float32 implementations, each ~1e-6 from exact on the fixed test models; measured ~5e-7."))
+
+GRADIENT_FLOAT32 = Tolerance("GRADIENT_FLOAT32", 1e-4, (
+    "the float32 gradient of a cross-entropy through paligemma.fast, checked along its own "
+    "direction g against a float64 central difference of paligemma.ref (step 1e-4, truncation "
+    "error ~1e-8): backpropagation chains about twice the forward's operations and sums "
+    "per-parameter contributions over every position, so its relative error is a few times the "
+    "forward's."), per_sensitivity=1e-2, ceiling=2e-3)
+
+BFLOAT16_FAST = Tolerance("BFLOAT16_FAST", 2e-2, (
+    "paligemma.fast's BFLOAT16 policy (bfloat16 parameters, activations between operations and "
+    "KV cache; norms, softmax and logits in float32) vs paligemma.ref in float64 on the unrounded "
+    "parameters. bfloat16 unit roundoff 3.9e-3: every weight and every activation is rounded, "
+    "which is the sensitivity's perturbation (weights only) applied about twice over; measured "
+    "error / sensitivity median 1.4, max 4.9, bound 10 x sensitivity, and at least 2e-2 (raw "
+    "errors: median 1.4e-2, 90% below 6e-2, up to 0.6 in the most ill-conditioned width-8 draws, "
+    "where rounding the weights alone already costs 0.24)."),
+    per_sensitivity=16.0, ceiling=1.0)
+
+BFLOAT16_CACHE = Tolerance("BFLOAT16_CACHE", 1e-2, (
+    "float32 computation with keys and values stored in a bfloat16 KV cache (big_vision's "
+    "default) vs float64: each cached K/V element carries a relative rounding of at most 3.9e-3, "
+    "a fraction of the roundings the sensitivity applies (no weights, no queries, no MLP), and "
+    "attention averages over keys."), per_sensitivity=6.0, ceiling=0.5)
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max |expected| (0 when they are equal).
+
+    Both arrays are compared in float64, so bfloat16 or float32 inputs are fine.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"relative_error: shapes differ, {actual.shape} vs {expected.shape}")
+    if expected.size == 0:
+        return 0.0
+    diff = float(np.max(np.abs(actual - expected)))
+    scale = float(np.max(np.abs(expected)))
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0 else math.inf
+
+
+def assert_close(actual, expected, tolerance, what, sensitivity=0.0):
+    """Assert `relative_error(actual, expected) <= tolerance.bound(sensitivity)`; returns the error.
+
+    Args:
+      actual, expected: arrays of the same shape; infinities must sit at the same places
+        (masked logits) and are left out of the error.
+      tolerance: a `Tolerance`, or a float used as the bound.
+      what: what is being compared, for the message (e.g. "fast float32 logits vs ref float64").
+      sensitivity: see the module docstring; 0 gives the tolerance's floor `rel`.
+    Raises:
+      AssertionError naming the comparison, the error, the bound and where the largest
+      difference sits. NaN anywhere fails.
+    """
+    if isinstance(tolerance, Tolerance):
+        name, bound = tolerance.name, tolerance.bound(sensitivity)
+    else:
+        name, bound = "tolerance", float(tolerance)
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shapes differ, actual {a.shape} vs expected {e.shape}")
+    if np.isnan(a).any() or np.isnan(e).any():
+        raise AssertionError(f"{what}: NaN in {'actual' if np.isnan(a).any() else 'expected'}")
+    finite = np.isfinite(e)
+    if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(a[~finite], e[~finite]):
+        raise AssertionError(f"{what}: infinities differ between actual and expected")
+    err = relative_error(a[finite], e[finite])
+    if not err <= bound:
+        diff = np.where(finite, np.abs(a - e), 0.0)
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(
+            f"{what}: relative error {err:.3g} exceeds {name} = {bound:.3g} at sensitivity {sensitivity:.3g} "
+            f"(max |diff| {diff.max():.3g} at index {tuple(int(i) for i in where)}: actual {a[where]:.7g}, "
+            f"expected {e[where]:.7g}; max |expected| {np.abs(e[finite]).max():.3g})")
+    return err
