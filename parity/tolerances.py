@@ -96,10 +96,12 @@ SAME_ROUNDING_FLOAT32 = Tolerance("SAME_ROUNDING_FLOAT32", 2e-5, (
     "embedding scale, HF's legacy image rounding) shows as ~1e-3."),
     per_sensitivity=2e-3, ceiling=4e-4)
 
-FLOAT32_REORDERED = Tolerance("FLOAT32_REORDERED", 1e-6, (
-    "the same float32 computation in another order or fusion (remat's recomputation, XLA "
-    "fusing differently): a few float32 roundings per operation, ~1e-7 each; 1e-6 is ~8 "
-    "epsilons. On CPU the measured difference is 0."))
+FLOAT32_REORDERED = Tolerance("FLOAT32_REORDERED", 1e-5, (
+    "the same float32 computation in another order or fusion (remat's recomputation in the "
+    "backward pass): each side is a float32 rounding of the same function, within FAST_FLOAT32 "
+    "of it, so the same bound applies; measured on CPU: loss and forward identical, gradients "
+    "within 5e-7. A remat bug (a layer recomputed from the wrong inputs, a gradient cut) "
+    "moves gradients by O(1)."), per_sensitivity=1e-3, ceiling=2e-4)
 
 HF_FLOAT32 = Tolerance("HF_FLOAT32", 1e-5, (
     "Hugging Face transformers (torch, float32) vs paligemma.ref in float32: two independent "
