@@ -8,7 +8,6 @@ as soon as every example has produced EOS) in one jitted program.
 Axes: B batch, S cache slots, L layers, K kv heads, H head dim, V vocabulary.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -20,7 +19,7 @@ from paligemma.ref.decode import Generation, Sampler, validate_generate_args
 
 from . import gemma
 from .mask import sliding_window
-from .model import embed_image_and_text, prefix_lm_masks
+from .model import embed_image_and_text, jit_model, prefix_lm_masks
 from .policy import FLOAT32, Policy
 
 
@@ -104,7 +103,6 @@ def sample(logits, sampler: Sampler, key):
 # --- Generation ---------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "sampler"))
 def _generate(params, images, tokens, mask_ar, input_mask, key, config, policy, max_new_tokens, sampler):
     rope = gemma.rope_table(config.vision.num_patches + tokens.shape[1] + max_new_tokens, config.llm.head_dim,
                             config.llm.rope_base)
@@ -135,6 +133,9 @@ def _generate(params, images, tokens, mask_ar, input_mask, key, config, policy, 
              jnp.zeros((B, max_new_tokens), jnp.float32), jnp.zeros(B, bool), key)
     _, _, _, out, out_logp, _, _ = jax.lax.while_loop(cond, body, state)
     return out, out_logp
+
+
+_generate = jit_model(_generate, ("config", "policy", "max_new_tokens", "sampler"))
 
 
 def _beam_search(params, config, cache, logits, beams, max_new_tokens, policy, rope):

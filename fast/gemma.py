@@ -4,6 +4,15 @@ Axes: B batch, T query tokens, S key tokens, N query heads, K kv heads, G = N / 
 dim, D width, F mlp width, V vocabulary, L layers. Layers run under `lax.scan` over the
 stacked parameters (compile time does not grow with depth); the KV cache, when given, is
 scanned alongside and returned updated. Norms, softmax and logits are computed in float32.
+
+Two deviations from the reference's einsums, both for XLA:CPU, which runs every dot as
+batched row-major matrix products and copies (transposes) an operand that is not already
+one, on every call. Decoding reads each weight once per token, so such a copy triples its
+memory traffic; see docs/performance.md for the measurements.
+- A weight `[G, D, O]` contracted over its middle axis (q/kv heads, the gate/up pair) goes
+  through `_per_group`, which makes G a batch dimension of the dot.
+- `unstack_layers` gives the layers as per-layer buffers (an unrolled loop, read in place)
+  instead of the stacked arrays `lax.scan` slices (XLA:CPU copies each slice first).
 """
 
 import jax
@@ -35,6 +44,20 @@ def round_to(x, dtype):
         return x
     info = jnp.finfo(dtype)
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _per_group(x, w):
+    """`einsum("BTD,GDO->GBTO", x, w)` with G as a batch dimension of the dot: [G, B, T, O].
+
+    Broadcasting x over G costs G copies of x and lets XLA:CPU read w in place; the plain
+    einsum costs one transposed copy of w. The first is cheaper while B * T < O (always in
+    decoding, where w dominates the memory traffic).
+    """
+    B, T, D = x.shape
+    G, _, O = w.shape
+    if B * T >= O:
+        return jnp.einsum("BTD,GDO->GBTO", x, w)  # [G, B, T, O]
+    return jnp.einsum("GBTD,GDO->GBTO", jnp.broadcast_to(x, (G, B, T, D)), w)  # [G, B, T, O]
 
 
 def embed_tokens(params, tokens, dtype):
@@ -92,10 +115,13 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
     Returns:
       ([B, T, D], updated (k_cache, v_cache) or None).
     """
-    q = jnp.einsum("BTD,NDH->BTNH", x, _cast(params["q_einsum"]["w"], x))  # [B, T, N, H]
-    kv = _cast(params["kv_einsum"]["w"], x)  # [2, K, D, H]
-    k = jnp.einsum("BSD,KDH->BSKH", x, kv[0])  # [B, T, K, H]
-    v = jnp.einsum("BSD,KDH->BSKH", x, kv[1])  # [B, T, K, H]
+    B, T, D = x.shape
+    w_kv = _cast(params["kv_einsum"]["w"], x)  # [2, K, D, H]
+    _, K, _, H = w_kv.shape
+    # einsum("BTD,NDH->BTNH") and einsum("BSD,KDH->BSKH") for k and v, as `_per_group`s.
+    q = jnp.moveaxis(_per_group(x, _cast(params["q_einsum"]["w"], x)), 0, 2)  # [B, T, N, H]
+    kv = _per_group(x, w_kv.reshape(2 * K, D, H))  # [2K, B, T, H]
+    k, v = jnp.moveaxis(kv[:K], 0, 2), jnp.moveaxis(kv[K:], 0, 2)  # [B, T, K, H] each
     q = apply_rope(q, positions, rope) * jnp.asarray(config.query_scale, x.dtype)
     k = apply_rope(k, positions, rope)
     updated = None
@@ -106,14 +132,16 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
         updated = (k_cache, v_cache)
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
     enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy)  # [B, T, N, H]
-    return jnp.einsum("BTNH,NHD->BTD", enc, _cast(params["attn_vec_einsum"]["w"], x)), updated
+    N = enc.shape[2]
+    w_out = _cast(params["attn_vec_einsum"]["w"], x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
+    return (enc.reshape(B, T, N * H) @ w_out), updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
 
 
 def mlp(params, x):
     """GeGLU: (gelu_tanh(x W_gate) * (x W_up)) W_down."""
-    w = _cast(params["gating_einsum"], x)  # [2, D, F]
-    gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, w[0]), approximate=True)  # [B, T, F]
-    up = jnp.einsum("BTD,DF->BTF", x, w[1])  # [B, T, F]
+    gate_up = _per_group(x, _cast(params["gating_einsum"], x))  # [2, B, T, F]
+    gate = jax.nn.gelu(gate_up[0], approximate=True)  # [B, T, F]
+    up = gate_up[1]  # [B, T, F]
     return jnp.einsum("BTF,FD->BTD", gate * up, _cast(params["linear"], x))  # [B, T, D]
 
 
@@ -154,14 +182,69 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
     if policy.remat == "full":
         step = jax.checkpoint(step)
     caches = None if kv_cache is None else (kv_cache[0], kv_cache[1])
-    x, updated = jax.lax.scan(step, x, (params["layers"], jnp.arange(config.depth), caches))
+    if isinstance(params["layers"], (list, tuple)):  # per-layer buffers (`unstack_layers`), unrolled
+        updates = []
+        for index, params_l in enumerate(params["layers"]):
+            cache_l = None if caches is None else (caches[0][index], caches[1][index])
+            x, update = step(x, (params_l, jnp.int32(index), cache_l))
+            updates.append(update)
+        updated = None if caches is None else tuple(jnp.stack(u) for u in zip(*updates))
+    else:
+        x, updated = jax.lax.scan(step, x, (params["layers"], jnp.arange(config.depth), caches))
     return rms_norm(x, params["final_norm"]["scale"], config.norm_eps), updated
 
 
+def unstack_layers(params):
+    """`params` with `llm/layers` as a tuple of L per-layer trees, each weight its own buffer.
+
+    The layout for decoding on CPU: XLA:CPU copies each layer's slice out of a stacked weight
+    before the dot reads it, so `lax.scan` over stacked weights moves every weight three times
+    per token; per-layer buffers are read in place. The price: the layer loop is unrolled, so
+    compile time grows with depth. Every function of `paligemma.fast` takes either layout and
+    computes the same numbers. NumPy input (e.g. from `ref.load`) is copied to the device one
+    layer at a time; for JAX input the stacked arrays can be dropped afterwards.
+    """
+    llm = params["llm"]
+    if isinstance(llm["layers"], (list, tuple)):
+        return params
+    depth = len(jax.tree_util.tree_leaves(llm["layers"])[0])
+    take = lambda w, i: jax.device_put(w[i]) if isinstance(w, np.ndarray) else w[i]  # noqa: E731
+    layers = tuple(jax.tree_util.tree_map(lambda w: take(w, i), llm["layers"]) for i in range(depth))
+    return {**params, "llm": {**llm, "layers": layers}}
+
+
+def stack_layers(params):
+    """The inverse of `unstack_layers`: `llm/layers` as stacked [L, ...] arrays (the reference's layout)."""
+    llm = params["llm"]
+    if not isinstance(llm["layers"], (list, tuple)):
+        return params
+    layers = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws), *llm["layers"])
+    return {**params, "llm": {**llm, "layers": layers}}
+
+
+def _vocab_slab(V, target=8192):
+    """The largest divisor of V that is at most `target` (PaliGemma's 257152 rows: 32 slabs of 8036)."""
+    return max(d for d in range(1, min(V, target) + 1) if V % d == 0)
+
+
 def logits(params, pre_logits, config: GemmaConfig):
-    """Tied projection `pre_logits @ E^T` in float32, then the optional final softcap: [B, T, V]."""
+    """Tied projection `pre_logits @ E^T` in float32, then the optional final softcap: [B, T, V].
+
+    On CPU a table that is not float32 goes through the dot in vocabulary slabs: XLA:CPU has
+    no bfloat16 dot and converts both operands to float32 first, and one slab at a time that
+    copy is ~50 MB instead of the whole table (2.1 GB for PaliGemma's 257152 x 2048).
+    """
     table = params["embedder"]["input_embedding"]  # [V, D]
-    out = jnp.einsum("BTD,VD->BTV", pre_logits, table.astype(pre_logits.dtype),
-                     preferred_element_type=jnp.float32)  # [B, T, V]
+    V, D = table.shape
+    slab = _vocab_slab(V)
+
+    def project(rows):  # [V', D] -> [B, T, V']
+        return jnp.einsum("BTD,VD->BTV", pre_logits, rows.astype(pre_logits.dtype), preferred_element_type=jnp.float32)
+
+    if table.dtype == jnp.float32 or jax.default_backend() != "cpu" or slab < 1024:
+        out = project(table)  # [B, T, V]
+    else:
+        out = jax.lax.map(project, table.reshape(V // slab, slab, D))  # [V / slab, B, T, slab]
+        out = jnp.moveaxis(out, 0, 2).reshape(pre_logits.shape[:2] + (V,))  # [B, T, V]
     cap = config.final_logits_softcap
     return cap * jnp.tanh(out / cap) if cap else out

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from paligemma import ref
-from paligemma.ref.params import tree_map
+from paligemma.ref.params import flatten, tree_map
 
 from .decode import generate as fast_generate
 from .policy import BFLOAT16, FLOAT32
@@ -100,13 +100,25 @@ def fit_vocab(config, params, tokenizer):
 def _place(params, impl, dtype):
     """Parameters in `dtype`, as NumPy arrays (ref) or device arrays (fast).
 
-    Leaf by leaf: for fast, the host holds at most one cast leaf at a time on its way to the
-    device; a leaf already in `dtype` (e.g. a memory-mapped .npz member) is not copied on the host.
+    Leaf by leaf (layer by layer for per-layer buffers): for fast, the host holds at most one
+    cast leaf at a time on its way to the device; a leaf already in `dtype` (e.g. a
+    memory-mapped .npz member) is not copied on the host. On CPU with float32 weights the
+    language model's layers become per-layer buffers (`paligemma.fast.unstack_layers`), which
+    decoding reads in place; with bfloat16 weights XLA:CPU converts every weight to float32
+    where it is used anyway, so they stay stacked (fewer buffers live at once).
     """
     np_dtype = DTYPES[dtype]
+    cast = lambda x: np.asarray(x).astype(np_dtype, copy=False)  # noqa: E731
     if impl == "ref":
-        return tree_map(lambda x: np.asarray(x).astype(np_dtype, copy=False), params)
-    return tree_map(lambda x: jax.device_put(np.asarray(x).astype(np_dtype, copy=False)), params)
+        return tree_map(cast, params)
+    put = lambda x: jax.device_put(cast(x))  # noqa: E731
+    if dtype != "float32" or jax.default_backend() != "cpu":
+        return tree_map(put, params)
+    layers = params["llm"]["layers"]
+    depth = len(next(iter(flatten(layers).values())))
+    placed = tree_map(put, {**params, "llm": {k: v for k, v in params["llm"].items() if k != "layers"}})
+    placed["llm"]["layers"] = tuple(tree_map(lambda w: put(np.asarray(w)[i]), layers) for i in range(depth))
+    return placed
 
 
 def _as_list(value, name):

@@ -117,7 +117,14 @@ def test_single_calls_equal_the_batch_and_progress_names_each_stage(ref_results,
 
     model = PaliGemma.load(files.npz, files.tok, impl="fast", progress=record)
     assert stages == ["loading tokenizer", "loading checkpoint", "preparing parameters"]
-    assert all(isinstance(x, jax.Array) for x in flatten(model.params).values())  # on the device once
+    leaves = jax.tree_util.tree_leaves(model.params)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)  # on the device once
+    # float32 on CPU: per-layer buffers, the same weights as the checkpoint's stacked arrays.
+    _, stored = ref.load(files.npz)
+    layers = model.params["llm"]["layers"]
+    assert isinstance(layers, tuple) and len(layers) == len(stored["llm"]["layers"]["mlp"]["linear"])
+    np.testing.assert_array_equal(np.stack([np.asarray(l["mlp"]["linear"]) for l in layers]),
+                                  stored["llm"]["layers"]["mlp"]["linear"])
     for image, prompt, expected in zip(files.images, PROMPTS, ref_results):
         got = model.generate(image, prompt, max_new_tokens=MAX_NEW)
         assert isinstance(got, Result)
