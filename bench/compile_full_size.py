@@ -16,11 +16,11 @@ dtype variants (parameters / `Policy`):
   mixed      bfloat16 parameters, float32 activations, bfloat16 KV cache (big_vision's default)
   float32    float32 throughout
 
-Reading the numbers on CPU: with bfloat16 parameters XLA's CPU backend upcasts the stacked
-[L, ...] weights to float32 once, outside the layer scan and the decoding loop (its bf16
-normalisation, then loop-invariant code motion), so "temp" shows a float32 copy of every
-weight, twice the parameter bytes. That is the CPU compiler, not the model: run this on the
-accelerator the model is meant for to plan memory there.
+Reading the numbers on CPU: XLA's CPU backend has no bfloat16 dot and converts bfloat16
+weights to float32 for every product. With its loop-invariant code motion those conversions
+were hoisted out of the layer scans and the decoding loop, a float32 copy of every weight
+(twice the parameter bytes of temporaries); `fast` compiles such programs without that pass
+(`paligemma.fast.model.jit_model`), so each weight is converted where it is used.
 """
 
 import argparse
