@@ -1,4 +1,5 @@
 """`paligemma generate`: load a checkpoint and a tokenizer, print the text for each (image, prompt).
+(`paligemma finetune`: see cli/finetune.py.)
 
     paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
@@ -111,6 +112,9 @@ def build_parser():
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     g.set_defaults(run=run_generate)
+    from .finetune import add_parser as add_finetune
+
+    add_finetune(commands, UsageError)
     return parser
 
 
