@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second environment with jax[tpu] (libtpu, ~700 MB): the Pallas kernels' real TPU compile
+# (tests/test_kernels_compile.py) needs it and cannot share a process with the CPU jax.
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install tpu-env clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +18,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(TPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet "jax[tpu]==0.10.2"
+	$(TPU_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(TPU_STAMP)
+
+tpu-env: $(TPU_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m paligemma.ref.demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+test: $(STAMP) $(TPU_STAMP)
+	PALIGEMMA_REQUIRE_TPU=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache .hypothesis

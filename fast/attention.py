@@ -1,13 +1,24 @@
 """The one place that chooses how attention is computed (`Policy.attention_impl`).
 
-"xla": einsums XLA fuses; the `[T, S]` logits are materialised. The Pallas kernels (a later
-issue) register here with the same signature, so the model code never changes.
+"xla": einsums XLA fuses; the `[T, S]` logits and a dense `[B, T, S]` mask are materialised.
+"pallas" / "pallas_interpret": the Pallas kernels of `paligemma.kernels` (on TPU / GPU, or in
+Pallas' interpreter on any platform), which take the mask as per-token vectors
+(`kernels.TokenMask`) and never build the dense one. "auto" (the default) is "pallas" where the
+default device is a TPU or GPU and "xla" elsewhere (`Policy.attention`).
+
+Rows with no visible key (padding queries only: a real token always sees itself) differ: XLA,
+with big_vision's finite mask value, gives the mean of all values, the kernels give zeros. No
+real token reads a padding token's output (padding keys are masked, padding logits ignored),
+so logits at real tokens and generated tokens do not depend on it
+(tests/test_kernels_model.py).
 
 Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head dim.
 """
 
 import jax
 import jax.numpy as jnp
+
+from paligemma import kernels
 
 from .policy import Policy
 
@@ -36,9 +47,31 @@ def attend_xla(q, k, v, attn_mask, softcap):
     return enc.reshape(B, T, N, H).astype(q.dtype)
 
 
-IMPLEMENTATIONS = {"xla": attend_xla}
+def attend_pallas(q, k, v, token_mask, softcap, window, backend):
+    """The kernels (`paligemma.kernels.attention`): flash attention, or decode attention for T = 1.
+
+    Args:
+      q: [B, T, N, H] (rotated and scaled); k, v: [B, S, K, H]; token_mask: `kernels.TokenMask`;
+      window: None or an int32 scalar (`kernels.NO_WINDOW` on global layers); backend: as kernels.
+    """
+    if token_mask is None:
+        raise ValueError("attend: the Pallas kernels need the mask as per-token vectors (token_mask=TokenMask)")
+    return kernels.attention(q, k, v, token_mask, window=window, softcap=softcap, backend=backend)
 
 
-def attend(q, k, v, attn_mask, softcap, policy: Policy):
-    """Dispatch to `policy.attention_impl`."""
-    return IMPLEMENTATIONS[policy.attention_impl](q, k, v, attn_mask, softcap)
+def attend(q, k, v, attn_mask, softcap, policy: Policy, token_mask=None, window=None):
+    """Dispatch to `policy.attention`.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H].
+      attn_mask: [B, T, S] bool (the XLA path; may be None when `token_mask` is given).
+      token_mask: optional `kernels.TokenMask` ([B, T] / [B, S] vectors; the Pallas path needs it).
+      window: the sliding window the Pallas path applies to `token_mask` (None: none); the XLA
+        path expects it already inside `attn_mask`.
+    """
+    impl = policy.attention
+    if impl == "xla":
+        if attn_mask is None:
+            attn_mask = kernels.dense(token_mask, window)
+        return attend_xla(q, k, v, attn_mask, softcap)
+    return attend_pallas(q, k, v, token_mask, softcap, window, "interpret" if impl == "pallas_interpret" else None)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma import kernels
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import Generation, Sampler, validate_generate_args
 
@@ -21,6 +22,9 @@ from . import gemma
 from .mask import sliding_window
 from .model import embed_image_and_text, jit_model, prefix_lm_masks
 from .policy import FLOAT32, Policy
+
+
+CACHE_ALIGNMENT = 128  # cache slots are a multiple of this for the Pallas kernels (any tile size divides it)
 
 
 class KVCache(NamedTuple):
@@ -45,12 +49,15 @@ def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
     B, N, _ = x.shape
     S = N + max_new_tokens
+    if policy.uses_kernels:  # whole kernel tiles: the kernels would otherwise pad (copy) the cache
+        S = -(-S // CACHE_ALIGNMENT) * CACHE_ALIGNMENT
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_mask, full_ar)
+    token_mask = kernels.TokenMask.prefix_lm(full_mask, full_ar).pad_keys(S) if policy.uses_kernels else None
     pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, S - N)))  # noqa: E731
     kv_shape = (g.depth, B, S, g.num_kv_heads, g.head_dim)
     k0, v0 = jnp.zeros(kv_shape, policy.kv_dtype), jnp.zeros(kv_shape, policy.kv_dtype)
     pre_logits, (k, v) = gemma.transformer(params["llm"], x, positions, pad(attn_mask), g, policy, rope,
-                                           pad(local_mask), (k0, v0, 0))  # [B, N, D]
+                                           pad(local_mask), (k0, v0, 0), token_mask)  # [B, N, D]
     cache = KVCache(k, v, jnp.pad(full_mask, ((0, 0), (0, S - N))), jnp.pad(positions, ((0, 0), (0, S - N))),
                     full_mask.sum(axis=1).astype(jnp.int32), jnp.int32(N))
     last = N - 1 - jnp.argmax(full_mask[:, ::-1], axis=1)  # [B] index of the last real token
@@ -68,8 +75,13 @@ def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens, policy, rope
     key_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, slot, axis=1)
     attn_mask = valid[:, None, :]  # [B, 1, S]
     local_mask = sliding_window(attn_mask, positions, key_positions, g.sliding_window)
+    token_mask = None
+    if policy.uses_kernels:  # the new token is a block of its own: it sees every valid slot
+        B, S = valid.shape
+        token_mask = kernels.TokenMask(jnp.ones((B, 1), jnp.int32), jnp.zeros((B, S), jnp.int32), jnp.ones((B, 1), bool),
+                                       valid, positions, key_positions)
     pre_logits, (k, v) = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask,
-                                           (cache.k, cache.v, slot))  # [B, 1, D]
+                                           (cache.k, cache.v, slot), token_mask)  # [B, 1, D]
     cache = KVCache(k, v, valid, key_positions, cache.lengths + 1, slot + 1)
     return cache, gemma.logits(params["llm"], pre_logits, g)[:, 0]  # [B, V]
 

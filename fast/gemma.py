@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma import kernels
 from paligemma.ref.config import GemmaConfig
 
 from .attention import attend
@@ -104,7 +105,8 @@ def apply_rope(x, positions, table):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None):
+def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,
+              token_mask=None, window=None):
     """Self-attention of one layer.
 
     Args:
@@ -112,6 +114,8 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
       rope: `rope_table(...)`.
       kv_cache: optional `(k_cache [B, S, K, H], v_cache [B, S, K, H], slot)`: the new keys and
         values are written at rows slot..slot+T and attention reads the whole cache.
+      token_mask, window: the mask as per-token vectors and this layer's window, for the Pallas
+        kernels (`fast.attention.attend`).
     Returns:
       ([B, T, D], updated (k_cache, v_cache) or None).
     """
@@ -131,7 +135,7 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
         updated = (k_cache, v_cache)
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
-    enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy)  # [B, T, N, H]
+    enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy, token_mask, window)  # [B, T, N, H]
     N = enc.shape[2]
     w_out = _cast(params["attn_vec_einsum"]["w"], x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
     return (enc.reshape(B, T, N * H) @ w_out), updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
@@ -145,11 +149,12 @@ def mlp(params, x):
     return jnp.einsum("BTF,FD->BTD", gate * up, _cast(params["linear"], x))  # [B, T, D]
 
 
-def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None):
+def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,
+          token_mask=None, window=None):
     """One decoder layer; returns (x [B, T, D], updated cache or None)."""
     eps = config.norm_eps
     h, updated = attention(params["attn"], rms_norm(x, params["pre_attention_norm"]["scale"], eps),
-                           positions, attn_mask, config, policy, rope, kv_cache)  # [B, T, D]
+                           positions, attn_mask, config, policy, rope, kv_cache, token_mask, window)  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
     x = x + h
@@ -160,13 +165,15 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, 
 
 
 def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
-                local_mask=None, kv_cache=None):
+                local_mask=None, kv_cache=None, token_mask=None):
     """All layers (scanned) and the final norm.
 
     Args:
       params: the `llm` subtree; x: [B, T, D]; positions: [B, T]; attn_mask, local_mask: [B, T, S]
         (local: sliding-window layers, HF's even layers); kv_cache: optional
-        `(k [L, B, S, K, H], v [L, B, S, K, H], slot)`.
+        `(k [L, B, S, K, H], v [L, B, S, K, H], slot)`; token_mask: the same masks as per-token
+        vectors (`kernels.TokenMask`) for the Pallas kernels, which apply the window themselves
+        (a runtime scalar: `kernels.NO_WINDOW` on global layers).
     Returns:
       (pre-logits [B, T, D], updated (k, v) or None).
     """
@@ -175,8 +182,9 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
     def step(x, layer):
         params_l, index, cache_l = layer
         mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
+        window = jnp.where(index % 2 == 0, config.sliding_window, kernels.NO_WINDOW) if windowed else None
         kv = None if cache_l is None else (*cache_l, kv_cache[2])
-        x, updated = block(params_l, x, positions, mask, config, policy, rope, kv)
+        x, updated = block(params_l, x, positions, mask, config, policy, rope, kv, token_mask, window)
         return x, updated
 
     if policy.remat == "full":

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from paligemma import kernels
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import validate_inputs
 
@@ -88,8 +89,10 @@ def jit_model(fn, static_argnames):
 def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_mask, full_ar)
+    token_mask = kernels.TokenMask.prefix_lm(full_mask, full_ar) if policy.uses_kernels else None
     rope = gemma.rope_table(x.shape[1], config.llm.head_dim, config.llm.rope_base)
-    pre_logits, _ = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, policy, rope, local_mask)
+    pre_logits, _ = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, policy, rope, local_mask,
+                                      token_mask=token_mask)
     return gemma.logits(params["llm"], pre_logits[:, config.vision.num_patches :], config.llm)  # [B, T, V]
 
 

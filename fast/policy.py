@@ -7,9 +7,10 @@ of every jitted function, so each combination compiles once.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "full")
 
 
@@ -20,14 +21,16 @@ class Policy:
     compute_dtype: activations ("float32" or "bfloat16"); norms, softmax and logits are always
       computed in float32, whatever this says.
     cache_dtype: the KV cache ("float32" or "bfloat16"; big_vision uses bfloat16).
-    attention_impl: "xla" (plain einsums); the Pallas kernels register here later.
+    attention_impl: "auto" (default: "pallas" on TPU and GPU, "xla" elsewhere), "xla" (plain
+      einsums, dense mask), "pallas" (the kernels of `paligemma.kernels`, TPU or GPU) or
+      "pallas_interpret" (the same kernels in Pallas' interpreter: any platform, slow; tests).
     remat: "none" or "full" (recompute each layer in the backward pass: less memory for
       fine-tuning, no effect on results).
     """
 
     compute_dtype: str = "float32"
     cache_dtype: str = "float32"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: str = "none"
 
     def __post_init__(self):
@@ -35,6 +38,18 @@ class Policy:
                               ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def attention(self):
+        """`attention_impl` with "auto" resolved for the default device's platform."""
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+
+    @property
+    def uses_kernels(self):
+        """Whether attention runs the Pallas kernels (which take per-token mask vectors)."""
+        return self.attention != "xla"
 
     @property
     def dtype(self):

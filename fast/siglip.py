@@ -8,8 +8,10 @@ LayerNorm statistics and the attention softmax are computed in float32.
 import jax
 import jax.numpy as jnp
 
+from paligemma import kernels
 from paligemma.ref.config import VisionConfig
 
+from .attention import attend
 from .policy import Policy
 
 
@@ -39,15 +41,22 @@ def layer_norm(x, scale, bias, eps):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(params, x):
-    """Multi-head self-attention with biases and no mask: [B, P, W] -> [B, P, W]."""
+def attention(params, x, policy: Policy = None):
+    """Multi-head self-attention with biases and no mask: [B, P, W] -> [B, P, W].
+
+    With a `policy` that uses the Pallas kernels, the attention itself runs there (head dim 72
+    padded to 128 inside the kernel)."""
     q = jnp.einsum("BPW,WNH->BPNH", x, _cast(params["query"]["kernel"], x)) + _cast(params["query"]["bias"], x)
     k = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["key"]["kernel"], x)) + _cast(params["key"]["bias"], x)
     v = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["value"]["kernel"], x)) + _cast(params["value"]["bias"], x)
-    H = q.shape[-1]
-    logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, N, P, S]
-    enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
+    B, P, _, H = q.shape
+    if policy is not None and policy.uses_kernels:
+        everything = kernels.TokenMask.full(B, P)
+        enc = attend(q * jnp.asarray(H**-0.5, x.dtype), k, v, None, None, policy, everything)  # [B, P, N, H]
+    else:
+        logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, N, P, S]
+        enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
     out = jnp.einsum("BPNH,NHW->BPW", enc, _cast(params["out"]["kernel"], x))  # [B, P, W]
     return out + _cast(params["out"]["bias"], x)
 
@@ -60,10 +69,10 @@ def mlp(params, x):
     return out + _cast(params["Dense_1"]["bias"], x)
 
 
-def encoder_block(params, x, eps):
+def encoder_block(params, x, eps, policy: Policy = None):
     """One pre-LN ViT block; `params` is one layer's slice of `encoderblock`."""
     y = layer_norm(x, params["LayerNorm_0"]["scale"], params["LayerNorm_0"]["bias"], eps)
-    x = x + attention(params["MultiHeadDotProductAttention_0"], y)  # [B, P, W]
+    x = x + attention(params["MultiHeadDotProductAttention_0"], y, policy)  # [B, P, W]
     y = layer_norm(x, params["LayerNorm_1"]["scale"], params["LayerNorm_1"]["bias"], eps)
     return x + mlp(params["MlpBlock_0"], y)  # [B, P, W]
 
@@ -74,7 +83,7 @@ def encode(params, config: VisionConfig, images, policy: Policy):
     x = add_position_embedding(x, params["pos_embedding"])
 
     def step(x, layer):
-        return encoder_block(layer, x, config.layer_norm_eps), None
+        return encoder_block(layer, x, config.layer_norm_eps, policy), None
 
     if policy.remat == "full":
         step = jax.checkpoint(step)

@@ -131,6 +131,65 @@ BFLOAT16_CACHE = Tolerance("BFLOAT16_CACHE", 1e-2, (
     "attention averages over keys."), per_sensitivity=6.0, ceiling=0.5)
 
 
+# --- Attention kernels (paligemma.kernels, Pallas interpret mode) -------------------------------
+# One attention call, not a model: outputs are convex combinations of value rows (|out| <= max |v|),
+# so errors are relative to the largest output and there is no sensitivity to scale by.
+
+KERNEL_FLOAT32 = Tolerance("KERNEL_FLOAT32", 1e-5, (
+    "a float32 kernel vs the same attention computed otherwise (the pure-JAX reference in float32, "
+    "or paligemma.ref in float64 on the same float32 inputs): a dot product of H <= 128 terms for "
+    "the scores, an online softmax that rescales its running sums once per key block, and a "
+    "weighted sum of S <= 75 values each carry a few float32 roundings (unit roundoff 6e-8); "
+    "measured at most 3e-7 (vs the reference) and 9.5e-7 (vs float64), so 1e-5 (~80 epsilons). A masking bug (one key too many or too "
+    "few, a wrong window edge) moves an output row by ~1 / S >= 1e-2."))
+
+KERNEL_BFLOAT16 = Tolerance("KERNEL_BFLOAT16", 2e-2, (
+    "a bfloat16 kernel vs the float32 reference on the same bfloat16 inputs: both round the "
+    "probabilities to bfloat16 before the value product (unit roundoff 3.9e-3 each, but at "
+    "different points of the online softmax, whose running maximum changes) and the kernel "
+    "rounds its output to bfloat16; measured at most 2.5e-3, bound 2e-2, still below the "
+    "~1 / S >= 1.5e-2 of a masking bug only for long rows, which the float32 draws cover."))
+
+KERNEL_GRADIENT_FLOAT32 = Tolerance("KERNEL_GRADIENT_FLOAT32", 1e-4, (
+    "float32 gradients (dq, dk, dv) of the kernels' custom_vjp vs jax.grad of the pure-JAX "
+    "reference: the backward pass recomputes the probabilities from the saved log-sum-exp "
+    "(exp of a difference of two rounded numbers of magnitude up to ~50 under a softcap: "
+    "relative 50 * 6e-8 = 3e-6), forms dp - delta (a cancellation) and sums over every query "
+    "of a key and every head of a group; errors relative to max(|expected|, 1) (dq is exactly 0 "
+    "where a query sees one key); measured at most 8.4e-7, bound 1e-4 (room for softcaps near 50). A wrong softcap "
+    "derivative, a missing scale or a gradient sent to the wrong kv head gives O(1)."))
+
+KERNEL_GRADIENT_BFLOAT16 = Tolerance("KERNEL_GRADIENT_BFLOAT16", 6e-2, (
+    "bfloat16 gradients vs the float32 reference's gradients on the same bfloat16 inputs: the "
+    "kernel rounds p and ds to bfloat16 before each of its four products and the results to "
+    "bfloat16; measured at most 7.7e-3, bound 6e-2. Only coarse errors are caught here; the "
+    "float32 draws check the mathematics."))
+
+
+
+# --- Training in bfloat16 (paligemma.fast.train, compute_dtype / frozen_dtype "bfloat16") -----------
+# One training step in bfloat16 vs the same step in float32 on the same float32 weights and batch
+# (tests/test_finetune_bf16.py); sensitivity as in the module docstring, on the test's batch.
+
+BFLOAT16_TRAINING_LOSS = Tolerance("BFLOAT16_TRAINING_LOSS", 5e-3, (
+    "the loss, relative to itself: a mean over supervised tokens of -log p(target), so the bfloat16 "
+    "activations' error in the logits (BFLOAT16_FAST, relative to the largest |logit|) enters "
+    "through log-softmax differences, which the loss then averages over tokens, where independent "
+    "rounding errors partly cancel; measured |loss16 - loss32| / loss32 at most 7.0e-4 (loss ~8, "
+    "sensitivity 1.4e-2 to 1.6e-2; at most 0.05 x sensitivity), bound max(5e-3, 0.5 x sensitivity). "
+    "A wrong cast point (a softcap or norm skipped in bfloat16) moves the loss by >= 1e-2."),
+    per_sensitivity=0.5, ceiling=5e-2)
+
+BFLOAT16_TRAINING_GRADIENT = Tolerance("BFLOAT16_TRAINING_GRADIENT", 5e-2, (
+    "the gradient of the trainable parameters (float32, through bfloat16 activations and bfloat16 "
+    "frozen weights), relative to the largest |component| of the float32 gradient: the backward "
+    "pass rounds every activation cotangent to bfloat16 as well, about twice the roundings of the "
+    "forward, and products of two rounded factors (activation x cotangent) make up each weight "
+    "gradient; measured at most 3.5e-2 (2.2 x sensitivity) over 6 draws of the tiny PaliGemma 2 "
+    "test model ('no-vision' and 'lora'), bound max(5e-2, 8 x sensitivity), at most 0.5. A "
+    "gradient cut, a doubled path or a wrong sign moves components by O(1) relative."),
+    per_sensitivity=8.0, ceiling=0.5)
+
 def relative_error(actual, expected):
     """max |actual - expected| / max |expected| (0 when they are equal).
 
