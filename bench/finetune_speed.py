@@ -19,9 +19,16 @@ and without remat (fast: `jax.checkpoint` per layer; transformers: `gradient_che
 The peer computes logits for the 128 text positions only (`logits_to_keep`) and big_vision's loss
 in torch, as fast does, so both do the same arithmetic.
 
+fast's loss never forms the [8, 128, 257152] logits (`paligemma.fast.xent`: vocabulary slabs,
+custom VJP); the peer's does (transformers' forward returns them; 1.05 GB each for the logits,
+their log-softmax and gradient).
+
 Each (implementation, mode, remat) runs in its own process, one at a time (peak RSS = VmHWM of
-that process, weights loading included): `--warmup` steps (fast: the first includes compilation),
-then `--steps` timed steps; examples/s = 8 / median step time.
+that process, weights loading included): fast compiles ahead of time (timed apart), then
+`--warmup` steps, then `--steps` timed steps; examples/s = 8 / median step time. The parent
+records the 1-minute load average while each worker runs and stops a worker (by its pid) when the
+machine's MemAvailable falls below `--min-available-gb`, so a mode that does not fit shows as
+"stopped" instead of pushing a shared machine into the OOM killer.
 """
 
 import argparse
@@ -29,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -58,12 +66,13 @@ def make_batch(config, seed=0):
 
 
 def timed(step, warmup, steps):
-    times = []
+    times, losses = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = step()
+        losses.append(float(step()))
         times.append(time.perf_counter() - t0)
-    return {"first_s": times[0], "step_s": float(np.median(times[warmup:])), "loss": float(loss)}
+    return {"first_s": times[0], "step_s": float(np.median(times[warmup:])), "times": times, "losses": losses,
+            "loss": losses[-1]}
 
 
 def run_fast(args):
@@ -79,12 +88,20 @@ def run_fast(args):
     put = lambda tree: jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, np.float32)), tree)  # noqa: E731
     trainable, frozen = put(trainable), put(frozen)
     del params
+    _trim()
     optimizer = train.make_optimizer(tc)
-    state = {"t": trainable, "o": optimizer.init(trainable)}
-    step_fn = train.make_train_step(config, tc, optimizer, frozen=frozen)
     images, text, mask_ar, mask_loss = make_batch(config)
     batch = jax.device_put(data.Batch(images[None], text[None], mask_ar[None], mask_loss[None],
                                       np.ones((1, BATCH), np.float32)))
+    # Compiled before the optimizer state exists, and the compiler's freed heap handed back to the
+    # system: otherwise glibc keeps it (~1 GB) and it adds to every later step's resident memory.
+    t0 = time.perf_counter()
+    step_fn = train.make_train_step(config, tc, optimizer, frozen=frozen).lower(
+        trainable, jax.eval_shape(optimizer.init, trainable), frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    _trim()
+    state = {"t": trainable, "o": optimizer.init(trainable)}
+    del trainable
 
     def step():
         state["t"], state["o"], metrics = step_fn(state["t"], state["o"], frozen, batch)
@@ -92,7 +109,16 @@ def run_fast(args):
 
     out = timed(step, args.warmup, args.steps)
     n = sum(x.size for x in jax.tree_util.tree_leaves(state["t"]))
-    return dict(out, trainable_params=int(n), versions={"jax": jax.__version__})
+    return dict(out, compile_s=compile_s, trainable_params=int(n), versions={"jax": jax.__version__})
+
+
+def _trim():
+    """glibc's malloc_trim(0): return freed heap pages to the system."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def run_hf(args):
@@ -145,6 +171,35 @@ def run_hf(args):
     return dict(out, trainable_params=int(sum(p.numel() for p in trainable)), versions=versions)
 
 
+def _meminfo():
+    with open("/proc/meminfo") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+
+
+def run_worker(argv, min_available):
+    """Runs one worker; stops it (its own process, by pid) if the machine's MemAvailable falls
+    below `min_available` bytes, so a mode that does not fit cannot push a shared machine into
+    swapping or the OOM killer. Returns (stdout, stderr, returncode, note, load averages seen)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err, note, loads = [], [], None, []
+    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(s), daemon=True)
+               for s, b in ((proc.stdout, out), (proc.stderr, err))]
+    for r in readers:
+        r.start()
+    while proc.poll() is None:
+        avail = _meminfo()["MemAvailable"]
+        loads.append(os.getloadavg()[0])
+        if avail < min_available:
+            note = f"stopped: machine MemAvailable {avail / 2**30:.1f} GiB < {min_available / 2**30:.1f} GiB"
+            proc.kill()
+            proc.wait()
+            break
+        time.sleep(0.5)
+    for r in readers:
+        r.join()
+    return "".join(out), "".join(err), proc.returncode, note, loads
+
+
 def worker(args):
     try:
         result = (run_fast if args.worker == "fast" else run_hf)(args)
@@ -166,6 +221,10 @@ def main():
     p.add_argument("--dir", default="/tmp/paligemma-finetune-speed")
     p.add_argument("--weights", help="HF directory of the bench model (default: written under --dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-available-gb", type=float, default=1.5,
+                   help="stop a worker when the machine's MemAvailable falls below this")
+    p.add_argument("--table-from", metavar="FILE",
+                   help="only print the table of the JSON rows in FILE (results.json, or a run's stderr)")
     p.add_argument("--worker", choices=["fast", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--remat-on", dest="remat_flag", action="store_true", help=argparse.SUPPRESS)
@@ -173,6 +232,12 @@ def main():
     if args.worker:
         args.remat = args.remat_flag
         return worker(args)
+    if args.table_from:
+        with open(args.table_from) as f:
+            text = f.read()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        return print(table(rows))
 
     from generate_speed import bench_config, ensure_weights, machine_info
 
@@ -190,10 +255,14 @@ def main():
                         args.weights, "--warmup", str(args.warmup), "--steps", str(args.steps)]
                 argv += ["--remat-on"] if remat == "on" else []
                 t0 = time.perf_counter()
-                proc = subprocess.run(argv, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith(MARK)), None)
-                result = json.loads(line[len(MARK):]) if line else {"error": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
-                result.update(impl=impl, mode=mode, remat=remat, wall_s=time.perf_counter() - t0)
+                used0 = _meminfo()
+                stdout, stderr, rc, note, loads = run_worker(argv, args.min_available_gb * 2**30)
+                line = next((x for x in stdout.splitlines() if x.startswith(MARK)), None)
+                result = json.loads(line[len(MARK):]) if line else {"error": note or f"exit {rc}: {stderr[-300:]}"}
+                result.update(impl=impl, mode=mode, remat=remat, wall_s=time.perf_counter() - t0,
+                              load_avg_1m={"min": min(loads, default=None), "max": max(loads, default=None),
+                                           "mean": float(np.mean(loads)) if loads else None},
+                              others_used_gb=(used0["MemTotal"] - used0["MemAvailable"]) / 2**30)
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
     with open(os.path.join(args.dir, "results.json"), "w") as f:
@@ -204,20 +273,25 @@ def main():
 def table(rows):
     """Markdown: one line per (mode, remat), fast and the peer side by side."""
     by = {(r["impl"], r["mode"], r["remat"]): r for r in rows}
-    lines = ["| mode | remat | trainable params | fast ex/s | peer ex/s | speed-up | fast peak RSS GB | "
-             "peer peak RSS GB | peak ratio fast/peer | fast first step s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | remat | trainable params | fast ex/s | peer ex/s | speed-up | fast peak RSS GiB | "
+             "peer peak RSS GiB | peak ratio fast/peer | first-step loss fast / peer | fast compile s | load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rate = lambda r: BATCH / r["step_s"] if "step_s" in r else None  # noqa: E731
+    gb = lambda r: r["peak_rss"] / 2**30 if "peak_rss" in r else None  # noqa: E731
+    fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
+    first = lambda r: fmt(r["losses"][0], 4) if "losses" in r else "-"  # noqa: E731
     for mode, remat in dict.fromkeys((r["mode"], r["remat"]) for r in rows):
         f, h = by.get(("fast", mode, remat), {}), by.get(("hf", mode, remat), {})
-        rate = lambda r: BATCH / r["step_s"] if "step_s" in r else None  # noqa: E731
-        gb = lambda r: r["peak_rss"] / 2**30 if "peak_rss" in r else None  # noqa: E731
-        fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-        ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
-        params = f.get("trainable_params", h.get("trainable_params"))
-        lines.append(f"| {mode} | {remat} | {params:,} | {fmt(rate(f))} | {fmt(rate(h))} | "
+        counts = sorted({r["trainable_params"] for r in (f, h) if "trainable_params" in r})
+        params = " / ".join(f"{n:,}" for n in counts) or "-"
+        loads = [r["load_avg_1m"]["mean"] for r in (f, h) if r.get("load_avg_1m", {}).get("mean") is not None]
+        errors = " ".join(f"{name}: {r['error']}" for name, r in (("fast", f), ("peer", h)) if "error" in r)
+        lines.append(f"| {mode} | {remat} | {params} | {fmt(rate(f), 3)} | {fmt(rate(h), 3)} | "
                      f"{fmt(ratio(rate(f), rate(h)))}x | {fmt(gb(f))} | {fmt(gb(h))} | {fmt(ratio(gb(f), gb(h)))} | "
-                     f"{fmt(f.get('first_s'), 1)} |" if params is not None else f"| {mode} | {remat} | failed: "
-                     f"{f.get('error', '')} {h.get('error', '')} |")
+                     f"{first(f)} / {first(h)} | {fmt(f.get('compile_s'), 1)} | "
+                     f"{fmt(min(loads, default=None), 1)}-{fmt(max(loads, default=None), 1)} |"
+                     + (f" {errors}" if errors else ""))
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.params import flatten, unflatten
 
-from . import gemma, lora
+from . import gemma, lora, xent
 from .model import NO_WEIGHT_HOISTING, converts_weights, embed_image_and_text, prefix_lm_masks
 from .policy import Policy
 
@@ -181,9 +181,10 @@ def big_vision_loss(logits, targets, weights, label_smoothing=0.0):
     return -(token * weights).sum(axis=-1) / jnp.maximum(1.0, weights.sum(axis=-1))  # [B]
 
 
-def model_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGemmaConfig, config: TrainConfig):
-    """Text logits [B, T, V] for big_vision's training inputs (`text[:, :-1]`, no input mask:
-    padding carries mask_ar 1, so no real token sees it)."""
+def model_pre_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGemmaConfig, config: TrainConfig):
+    """(pre-logits [B, T, D] of the text positions, the whole parameter tree) for big_vision's
+    training inputs (`text[:, :-1]`, no input mask: padding carries mask_ar 1, so no real token
+    sees it)."""
     policy = config.policy
     params = join_params(trainable, frozen, config)
     tokens, ar = text[:, :-1], mask_ar[:, :-1]  # [B, T]
@@ -197,14 +198,27 @@ def model_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGem
                                rope, local_mask)
     else:
         pre, _ = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask)
-    return gemma.logits(params["llm"], pre[:, model_config.vision.num_patches:], g)  # [B, T, V]
+    return pre[:, model_config.vision.num_patches:], params  # [B, T, D]
+
+
+def model_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGemmaConfig, config: TrainConfig):
+    """Text logits [B, T, V] (float32) for big_vision's training inputs (see `model_pre_logits`)."""
+    pre, params = model_pre_logits(trainable, frozen, images, text, mask_ar, model_config, config)
+    return gemma.logits(params["llm"], pre, model_config.llm)  # [B, T, V]
 
 
 def batch_loss(trainable, frozen, micro, model_config, config: TrainConfig):
     """(weighted mean of the per-example losses, per-example losses [B]) of one micro-batch
-    (`Batch` fields without the A axis)."""
-    logits = model_logits(trainable, frozen, micro.images, micro.text, micro.mask_ar, model_config, config)
-    per_example = big_vision_loss(logits, micro.text[:, 1:], micro.mask_loss[:, 1:], config.label_smoothing)
+    (`Batch` fields without the A axis): `big_vision_loss` of `model_logits`, computed one
+    vocabulary slab at a time from the pre-logits (`paligemma.fast.xent`: the [B, T, V] logits
+    never exist, in the forward or the backward pass)."""
+    pre, params = model_pre_logits(trainable, frozen, micro.images, micro.text, micro.mask_ar, model_config, config)
+    table = params["llm"]["embedder"]["input_embedding"]  # [V, D]
+    table_grad = "embedder" in trainable.get("llm", {})  # the tied embedding is trained
+    nll = xent.token_nll(pre, table, micro.text[:, 1:], config.label_smoothing,
+                         model_config.llm.final_logits_softcap, table_grad=table_grad)  # [B, T]
+    weights = micro.mask_loss[:, 1:].astype(jnp.float32)  # [B, T]
+    per_example = (nll * weights).sum(axis=-1) / jnp.maximum(1.0, weights.sum(axis=-1))  # [B]
     w = micro.weight.astype(jnp.float32)
     return (per_example * w).sum() / jnp.maximum(w.sum(), 1.0), per_example
 
@@ -260,6 +274,17 @@ def _accumulate(fn, trainable, batch):
     return jax.tree_util.tree_map(lambda x: x / A, (loss, grads))
 
 
+def global_norm(tree):
+    """sqrt(sum of squares) of every leaf. With `optax.tree.norm`, XLA merges the norm's square of
+    each gradient with AdamW's `g ** 2` (common subexpressions) and materialises the shared
+    square, one more gradient-sized buffer (2.1 GB for PaliGemma's embedding) next to the update;
+    behind an optimisation barrier the norm reads the gradients and AdamW's square fuses into its
+    update again."""
+    leaves = jax.lax.optimization_barrier(jax.tree_util.tree_leaves(tree))
+    squares = [jnp.vdot(x.ravel(), x.ravel()).astype(jnp.float32) for x in leaves]
+    return jnp.sqrt(sum(squares, jnp.float32(0)))
+
+
 def make_train_step(model_config, config: TrainConfig, optimizer, shardings=None, frozen=None):
     """The jit-compiled step `(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`.
 
@@ -282,7 +307,7 @@ def make_train_step(model_config, config: TrainConfig, optimizer, shardings=None
         loss, grads = _accumulate(lambda t, m: loss_and_grad(t, frozen, m), trainable, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return trainable, opt_state, {"loss": loss, "grad_norm": global_norm(grads)}
 
     options = NO_WEIGHT_HOISTING if frozen is not None and converts_weights(frozen) else None
     kwargs = {}

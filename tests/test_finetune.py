@@ -23,7 +23,7 @@ import pytest
 
 from finetune_fixtures import PREFIX, build, records
 from paligemma import ref
-from paligemma.fast import data, lora, train
+from paligemma.fast import data, lora, train, xent
 from paligemma.fast.finetune import finetune
 from paligemma.parity.tolerances import FAST_FLOAT32, FLOAT32_REORDERED, GRADIENT_FLOAT32, relative_error
 from paligemma.ref.ops import log_softmax
@@ -68,6 +68,38 @@ def test_loss_is_big_vision_per_example_mean(eps):
     got = np.asarray(train.big_vision_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), eps))
     np.testing.assert_allclose(got, _loss_loops(logits, targets, weights, eps), rtol=2e-6, atol=1e-6)
     assert got[1] == 0.0
+
+
+@pytest.mark.parametrize("V, slab, eps, cap", [(36, 8, 0.0, None), (37, 8, 0.1, 5.0), (37, 64, 0.2, 30.0)])
+def test_slab_loss_equals_the_loss_of_the_whole_logits(V, slab, eps, cap):
+    # xent.token_nll never forms the logits: 36 = 6 slabs of 6, 37 = 5 slabs of 8 with 3 padding rows,
+    # 37 < 64 one slab. Values vs big_vision's loss as loops in float64; gradients (its custom VJP)
+    # vs autodiff of the plain formula on whole logits.
+    rng = np.random.default_rng(V + slab)
+    pre = rng.normal(0, 1, (3, 5, 7)).astype(np.float32)
+    table = rng.normal(0, 1, (V, 7)).astype(np.float32)
+    targets = rng.integers(0, V, (3, 5))
+    weights = np.array([[0, 1, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], np.float32)
+    z64 = np.einsum("BTD,VD->BTV", pre.astype(np.float64), table.astype(np.float64))
+    z64 = cap * np.tanh(z64 / cap) if cap else z64
+    scale = jnp.arange(1.0, 4.0)  # a different upstream gradient per example
+
+    def slabbed(p, t, table_grad=True):
+        nll = xent.token_nll(p, t, targets, eps, cap, target=slab, table_grad=table_grad)  # [B, T]
+        return (nll * weights).sum(-1) / np.maximum(1.0, weights.sum(-1))
+
+    def whole(p, t):
+        z = jnp.einsum("BTD,VD->BTV", p, t)
+        return train.big_vision_loss(cap * jnp.tanh(z / cap) if cap else z, targets, weights, eps)
+
+    np.testing.assert_allclose(np.asarray(slabbed(pre, table)), _loss_loops(z64, targets, weights, eps),
+                               rtol=FAST_FLOAT32.rel, atol=1e-6)
+    grad = lambda f: jax.grad(lambda p, t: (f(p, t) * scale).sum(), (0, 1))(pre, table)  # noqa: E731
+    (gp, gt), (wp, wt) = grad(slabbed), grad(whole)
+    assert relative_error(gp, wp) <= FAST_FLOAT32.rel and relative_error(gt, wt) <= FAST_FLOAT32.rel
+    fp, ft = grad(lambda p, t: slabbed(p, t, table_grad=False))  # a frozen table: no table gradient
+    np.testing.assert_array_equal(fp, gp)
+    assert not np.any(ft)
 
 
 def test_schedule_is_big_vision_warmup_then_cosine():

@@ -1,0 +1,147 @@
+"""big_vision's token cross-entropy straight from the pre-logits, one vocabulary slab at a time.
+
+    nll = token_nll(pre_logits, table, targets, label_smoothing, softcap)   # [N], float32
+
+equals `-token` of `paligemma.fast.train.big_vision_loss` on `logits = softcap(pre_logits @ table^T)`
+(float32 logits, `paligemma.fast.gemma.logits`' arithmetic), without ever holding the [N, V] logits:
+the forward pass runs over vocabulary slabs with an online log-sum-exp, and the backward pass
+(a `jax.custom_vjp`) recomputes each slab's logits and writes that slab's rows of the table's
+gradient directly. With PaliGemma's vocabulary (257152) and a batch of 8 x 128 tokens the plain
+loss holds the logits, their log-softmax, exponentials and gradient, ~1 GB each (4-5 GB of
+temporaries in a training step); here one slab of 8036 rows is 33 MB.
+
+Gradient (per token, z the logits after the softcap, p = softmax(z), y the target, e the label
+smoothing, V the vocabulary): nll = -[(1 - e) log p_y + e / (V - 1) sum_{v != y} log p_v], so
+d nll / d z_v = p_v - c1 [v = y] - c2 with c2 = e / (V - 1), c1 = 1 - e - c2 (c1 + V c2 = 1).
+Through the softcap z = c tanh(r / c): dz / dr = 1 - (z / c)^2.
+
+Axes: N tokens, D width, V vocabulary, S slab rows, C slabs.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+SLAB = 8192
+
+
+def slabs(V, target=SLAB):
+    """(rows per slab S, padding rows): the largest divisor of V in [target / 4, target], else
+    ceil(V / ceil(V / target)) rows and the table padded with zero rows to a multiple of it."""
+    if V <= target:
+        return V, 0
+    divisor = max(d for d in range(1, target + 1) if V % d == 0)
+    if divisor >= target // 4:
+        return divisor, 0
+    n = -(-V // target)
+    S = -(-V // n)
+    return S, n * S - V
+
+
+def _slab_logits(pre, rows, offset, V, softcap):
+    """Float32 logits [N, S] of one slab (padding columns -inf)."""
+    z = jnp.einsum("ND,SD->NS", pre, rows.astype(pre.dtype), preferred_element_type=jnp.float32)  # [N, S]
+    if softcap:
+        z = softcap * jnp.tanh(z / softcap)
+    real = offset + jnp.arange(rows.shape[0]) < V  # [S]
+    return jnp.where(real, z, -jnp.inf), real
+
+
+def _split(table, S, pad):
+    V, D = table.shape
+    if pad:
+        table = jnp.pad(table, ((0, pad), (0, 0)))
+    return table.reshape((V + pad) // S, S, D)  # [C, S, D]
+
+
+def _forward(pre, table, targets, label_smoothing, softcap, target):
+    """(nll [N], log-sum-exp [N]) over the slabs."""
+    V = table.shape[0]
+    S, pad = slabs(V, target)
+    N = pre.shape[0]
+
+    def body(carry, slab):
+        m, s, total, label = carry
+        rows, index = slab
+        z, real = _slab_logits(pre, rows, index * S, V, softcap)  # [N, S]
+        m_new = jnp.maximum(m, z.max(axis=-1))  # [N]
+        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)
+        total = total + jnp.where(real, z, 0.0).sum(axis=-1)  # sum of the real logits
+        local = targets - index * S
+        hit = (local >= 0) & (local < S)
+        picked = jnp.take_along_axis(z, jnp.clip(local, 0, S - 1)[:, None], axis=-1)[:, 0]
+        return (m_new, s, total, label + jnp.where(hit, picked, 0.0)), None
+
+    zeros = jnp.zeros((N,), jnp.float32)
+    init = (jnp.full((N,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    chunks = _split(table, S, pad)
+    (m, s, total, label), _ = jax.lax.scan(body, init, (chunks, jnp.arange(chunks.shape[0])))
+    lse = m + jnp.log(s)  # [N]
+    c2 = label_smoothing / (V - 1)
+    c1 = 1.0 - label_smoothing - c2
+    nll = -(c1 * (label - lse) + c2 * (total - V * lse))  # [N]
+    return nll, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _nll(pre, table, targets, label_smoothing, softcap, target, table_grad):
+    return _forward(pre, table, targets, label_smoothing, softcap, target)[0]
+
+
+def _nll_fwd(pre, table, targets, label_smoothing, softcap, target, table_grad):
+    nll, lse = _forward(pre, table, targets, label_smoothing, softcap, target)
+    return nll, (pre, table, targets, lse)
+
+
+def _nll_bwd(label_smoothing, softcap, target, table_grad, residuals, g):
+    pre, table, targets, lse = residuals
+    V, D = table.shape
+    S, pad = slabs(V, target)
+    c2 = label_smoothing / (V - 1)
+    c1 = 1.0 - label_smoothing - c2
+    g = g.astype(jnp.float32)
+
+    def body(d_pre, slab):
+        rows, index = slab
+        z, real = _slab_logits(pre, rows, index * S, V, softcap)  # [N, S]
+        local = targets - index * S
+        onehot = jnp.arange(S)[None, :] == local[:, None]  # [N, S]
+        dz = jnp.exp(z - lse[:, None]) - c1 * onehot - jnp.where(real, c2, 0.0)  # d nll / d z
+        if softcap:
+            dz = dz * (1.0 - jnp.square(z / softcap))
+        dz = jnp.where(real, dz * g[:, None], 0.0)  # [N, S]
+        d_pre = d_pre + jnp.einsum("NS,SD->ND", dz, rows.astype(jnp.float32))
+        if not table_grad:
+            return d_pre, None
+        d_rows = jnp.einsum("NS,ND->SD", dz, pre.astype(jnp.float32))  # [S, D]
+        return d_pre, d_rows.astype(table.dtype)
+
+    chunks = _split(table, S, pad)
+    d_pre, d_table = jax.lax.scan(body, jnp.zeros(pre.shape, jnp.float32), (chunks, jnp.arange(chunks.shape[0])))
+    d_table = d_table.reshape(-1, D)[:V] if table_grad else jnp.zeros_like(table)  # [V, D] (zeros: dropped)
+    return d_pre.astype(pre.dtype), d_table, None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def token_nll(pre_logits, table, targets, label_smoothing=0.0, softcap=None, target=SLAB, table_grad=True):
+    """Per-token negative log-likelihood with big_vision's label smoothing, float32.
+
+    Args:
+      pre_logits: [..., D] (any float dtype: the dot runs in it, accumulating in float32, as
+        `gemma.logits`); table: the tied embedding [V, D]; targets: [...] ids.
+      label_smoothing: e (the target puts 1 - e on the label, e / (V - 1) elsewhere).
+      softcap: the final logit softcap c (`c tanh(x / c)`), or None.
+      target: rows per slab to aim for (`slabs`).
+      table_grad: False when the table is frozen: the backward pass skips its gradient (a
+        [N, D] x [N, S] product per slab) and returns zeros, which the caller drops.
+    Returns:
+      [...] float32; differentiable in `pre_logits` and (with `table_grad`) `table`.
+    """
+    shape = targets.shape
+    pre = pre_logits.reshape(-1, pre_logits.shape[-1])  # [N, D]
+    nll = _nll(pre, table, targets.reshape(-1).astype(jnp.int32), float(label_smoothing),
+               float(softcap) if softcap else None, int(target), bool(table_grad))
+    return nll.reshape(shape)
