@@ -40,16 +40,12 @@ import threading
 import time
 
 import numpy as np
+from _machine import peak_rss as _rss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 MARK = "@@finetune-bench@@ "
 MODES = ("all", "no-vision", "attention", "lora")
 BATCH, TEXT_LEN, PREFIX, RANK = 8, 128, 16, 8
-
-
-def _rss():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def make_batch(config, seed=0):

@@ -35,23 +35,9 @@ import sys
 import time
 
 import numpy as np
+from _machine import peak_rss as _rss, reset_peak as _reset_peak, wait_until_quiet
 
 MARK = "@@full@@ "
-
-
-def _rss():
-    """Peak RSS of this process (VmHWM; `ru_maxrss` would include the parent's peak at exec)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def random_params(config, dtype, seed=0, chunk_bytes=64 << 20, per_layer=False):
@@ -156,30 +142,14 @@ def worker(args):
         out = fast.generate(params, config, images, tokens, mask_ar, input_mask, max_new_tokens=N, policy=policy)
         return time.perf_counter() - t, out.tokens
 
-    def quiet(threshold=0.25, max_wait=90.0):
-        """Waits until other processes use < threshold of the CPU (this one is idle meanwhile)."""
-        def busy(seconds):
-            def times():
-                with open("/proc/stat") as f:
-                    v = [int(x) for x in f.readline().split()[1:9]]
-                return sum(v) - v[3] - v[4], sum(v)
-            b0, t0 = times()
-            time.sleep(seconds)
-            b1, t1 = times()
-            return (b1 - b0) / max(t1 - t0, 1)
-        start, value = time.perf_counter(), busy(1.0)
-        while value > threshold and time.perf_counter() - start < max_wait:
-            value = busy(2.0)
-        return value
-
     first_generate, tokens_out = run_generate()
     first_prefill = run_prefill()
     pre, gen, full = [], [], True
     busy = []
     for _ in range(args.repeats):
-        busy.append(quiet())
+        busy.append(wait_until_quiet(0.25, 90.0))
         pre.append(run_prefill())
-        busy.append(quiet())
+        busy.append(wait_until_quiet(0.25, 90.0))
         g, toks = run_generate()
         gen.append(g)
         full &= toks.shape[1] == N and not (toks == config.eos_id).any()

@@ -54,6 +54,7 @@ import time
 import traceback
 
 import numpy as np
+from _machine import peak_rss as _rss, reset_peak as _reset_peak, wait_until_quiet
 
 MARK = "@@bench@@ "
 
@@ -106,23 +107,6 @@ def decode_flops(config, batch):
 
 
 # --- Workers: one per implementation, driven over stdin/stdout -----------------------------
-
-
-def _rss():
-    """Peak RSS of this process (VmHWM). Not `ru_maxrss`: a child started by posix_spawn/vfork
-    inherits its parent's peak in `ru_maxrss` at exec, which would charge every worker with
-    the parent's memory."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class Impl:
@@ -397,30 +381,6 @@ def machine_info():
     mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return {"cpu": model, "cores": os.cpu_count(), "mem_gb": mem / 1e9, "python": platform.python_version(),
             "kernel": platform.release()}
-
-
-def _cpu_times():
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
-
-
-def busy_fraction(seconds=1.0):
-    """Share of all cores busy over `seconds` (our workers are idle while this runs)."""
-    b0, t0 = _cpu_times()
-    time.sleep(seconds)
-    b1, t1 = _cpu_times()
-    return (b1 - b0) / max(t1 - t0, 1)
-
-
-def wait_until_quiet(threshold, max_wait):
-    """Waits (up to max_wait s) until other processes use less than `threshold` of the CPU."""
-    start = time.perf_counter()
-    busy = busy_fraction()
-    while busy > threshold and time.perf_counter() - start < max_wait:
-        busy = busy_fraction(2.0)
-    return busy
 
 
 def rel_err(a, b):
