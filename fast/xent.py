@@ -23,6 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from . import gemma
+
 SLAB = 8192
 
 
@@ -31,7 +33,7 @@ def slabs(V, target=SLAB):
     ceil(V / ceil(V / target)) rows and the table padded with zero rows to a multiple of it."""
     if V <= target:
         return V, 0
-    divisor = max(d for d in range(1, target + 1) if V % d == 0)
+    divisor = gemma._vocab_slab(V, target)
     if divisor >= target // 4:
         return divisor, 0
     n = -(-V // target)
