@@ -33,7 +33,8 @@ from . import backend as bk
 from . import flash_backward
 from .flash_attention import mask_vectors, pad_heads, reference, validate
 from .masking import INVALID_KEY, TokenMask, block_visibility, kernel_ids, visible_range, window_scalar
-from .tiles import MASK_VALUE, KernelConfig, matmul, scores, tile_mask, zero_cotangent
+from .tiles import (MASK_VALUE, KernelConfig, online_softmax_finish, online_softmax_init, online_softmax_step,
+                    scores, tile_mask, zero_cotangent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,27 +74,17 @@ def _decode_kernel(scalars_ref, q_ref, k_ref, v_ref, kid_ref, kpos_ref, o_ref, l
     q = q_ref[...]  # [Gp, H]
 
     def body(j, carry):
-        m, l, acc = carry  # [Gp, 1], [Gp, 1], [Gp, H]
         rows = pl.ds(pl.multiple_of((j - first) * bkk, bkk), bkk)
         s, _ = scores(q, k_ref[rows, :], config)  # [Gp, bk]
         kv_pos = kpos_ref[pl.ds(j, 1), :] if config.has_window else None  # [1, bk]
         visible = tile_mask(q_id, kid_ref[pl.ds(j, 1), :], q_pos if config.has_window else None, kv_pos, window)
         visible = jnp.broadcast_to(visible, s.shape)  # [Gp, bk]
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m - m_new)
-        v = v_ref[rows, :]  # [bk, H]
-        return m_new, alpha * l + p.sum(axis=1, keepdims=True), alpha * acc + matmul(p.astype(v.dtype), v)
+        return online_softmax_step(carry, s, visible, v_ref[rows, :])
 
     Gp, H = q.shape
-    init = (jnp.full((Gp, 1), MASK_VALUE, jnp.float32), jnp.zeros((Gp, 1), jnp.float32),
-            jnp.zeros((Gp, H), jnp.float32))
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
-    seen = l > 0.0
-    safe_l = jnp.where(seen, l, 1.0)
-    o_ref[...] = jnp.where(seen, acc / safe_l, 0.0)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), MASK_VALUE)  # an empty split weighs 0 below
+    # An empty split gets log-sum-exp MASK_VALUE: it weighs 0 when the splits are combined below.
+    o_ref[...], lse_ref[...] = online_softmax_finish(*lax.fori_loop(lo, hi, body, online_softmax_init(Gp, H)),
+                                                     empty_lse=MASK_VALUE)
 
 
 def _forward(config: KernelConfig, splits, qg, k, v, scalars, kv_row, kv_pos_row):

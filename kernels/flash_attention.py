@@ -33,7 +33,8 @@ from . import backend as bk
 from . import flash_backward
 from .masking import (INVALID_KEY, TokenMask, block_visibility, dense, kernel_ids, visible_range,
                       window_scalar)
-from .tiles import MASK_VALUE, KernelConfig, matmul, scores, tile_mask, zero_cotangent
+from .tiles import (KernelConfig, online_softmax_finish, online_softmax_init, online_softmax_step, scores,
+                    tile_mask, zero_cotangent)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -116,26 +117,16 @@ def _forward_kernel(scalars_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, qpos_ref
     q_pos = qpos_ref[...] if config.has_window else None
 
     def body(j, carry):
-        m, l, acc = carry  # [bq, 1], [bq, 1], [bq, H]
         rows = pl.ds(pl.multiple_of(j * bkk, bkk), bkk)
         s, _ = scores(q, k_ref[rows, :], config)  # [bq, bk]
         kv_pos = kpos_ref[pl.ds(j, 1), :] if config.has_window else None  # [1, bk]
         visible = tile_mask(q_ids, kid_ref[pl.ds(j, 1), :], q_pos, kv_pos, window)  # [bq, bk]
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)  # [bq, bk]
-        alpha = jnp.exp(m - m_new)
-        v = v_ref[rows, :]  # [bk, H]
-        return m_new, alpha * l + p.sum(axis=1, keepdims=True), alpha * acc + matmul(p.astype(v.dtype), v)
+        return online_softmax_step(carry, s, visible, v_ref[rows, :])
 
     bq, H = q.shape
-    init = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, H), jnp.float32))
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
-    seen = l > 0.0  # rows with at least one visible key
-    safe_l = jnp.where(seen, l, 1.0)
-    o_ref[...] = jnp.where(seen, acc / safe_l, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
+    out, lse = online_softmax_finish(*lax.fori_loop(lo, hi, body, online_softmax_init(bq, H)), empty_lse=0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def forward(config: KernelConfig, q, k, v, vec: Vectors):

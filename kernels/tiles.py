@@ -74,3 +74,28 @@ def tile_mask(q_ids, kv_ids, q_pos, kv_pos, window):
 def zero_cotangent(tree):
     """float0 cotangents for integer inputs of a `custom_vjp` (ids, positions, loop bounds)."""
     return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
+
+
+def online_softmax_init(rows, H):
+    """The (running max [rows, 1], running sum [rows, 1], accumulator [rows, H]) before any tile."""
+    return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, H), jnp.float32))
+
+
+def online_softmax_step(carry, s, visible, v):
+    """Folds one tile of scores s [rows, bk] (visible [rows, bk]) and its values v [bk, H] into
+    the running (max, sum, accumulator); masked keys weigh exactly 0."""
+    m, l, acc = carry  # [rows, 1], [rows, 1], [rows, H]
+    s = jnp.where(visible, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)  # [rows, bk]
+    alpha = jnp.exp(m - m_new)
+    return m_new, alpha * l + p.sum(axis=1, keepdims=True), alpha * acc + matmul(p.astype(v.dtype), v)
+
+
+def online_softmax_finish(m, l, acc, empty_lse):
+    """(output [rows, H] f32, log-sum-exp [rows, 1]); rows that saw no visible key give output 0
+    and log-sum-exp `empty_lse`."""
+    seen = l > 0.0  # rows with at least one visible key
+    safe_l = jnp.where(seen, l, 1.0)
+    return jnp.where(seen, acc / safe_l, 0.0), jnp.where(seen, m + jnp.log(safe_l), empty_lse)
