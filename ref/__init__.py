@@ -16,6 +16,7 @@ from .mask import make_attn_mask
 from .model import forward
 from .params import cast_params, flatten, init_params, num_params, param_shapes, unflatten
 from .tokenizer import Prompt, Tokenizer, TrainExample, train_tiny_tokenizer
+from .video import load_video
 
 __all__ = [
     "load", "save",
@@ -24,4 +25,5 @@ __all__ = [
     "load_image", "preprocess", "make_attn_mask", "forward",
     "cast_params", "flatten", "init_params", "num_params", "param_shapes", "unflatten",
     "Prompt", "Tokenizer", "TrainExample", "train_tiny_tokenizer",
+    "load_video",
 ]
