@@ -57,6 +57,21 @@ def load(path, **overrides):
     return _trim_vocab(config, flat, overrides, path)
 
 
+def read_config(path, **overrides):
+    """The config `load(path, **overrides)` returns, from headers and config.json alone (no tensor is read)."""
+    path = str(path)
+    reader = open_reader(path)
+    try:
+        keys = reader.keys()
+        if any(k.startswith(("img/", "llm/", "params/")) for k in keys):
+            return _infer_config({k.removeprefix("params/"): reader.shape(k) for k in keys}, path, overrides)
+        config = _config_from_hf_file(_read_hf_config(path), reader, path, overrides)
+    finally:
+        reader.close()
+    vocab = overrides.get("vocab_size", config.llm.vocab_size)
+    return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab))
+
+
 def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, max_shard_bytes=2 << 30):
     """Writes `params` as a big_vision `.npz` or as an HF directory (config.json + safetensors).
 

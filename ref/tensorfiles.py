@@ -89,6 +89,10 @@ class NpzReader:
                 raise CheckpointError(f"{self.path}: member {key!r} could not be read ({e})") from None
         return array.view(ml_dtypes.bfloat16) if dtype == np.dtype("V2") else array
 
+    def get_rows(self, key, start, stop):
+        """Rows [start, stop) of the leading axis: only those are read for stored (memory-mapped) members."""
+        return self.get(key)[start:stop]
+
     def close(self):
         self._zip.close()
 
@@ -141,6 +145,15 @@ class SafetensorsReader:
         try:
             with safe_open(path, framework="numpy") as f:
                 return f.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from None
+
+    def get_rows(self, key, start, stop):
+        """Rows [start, stop) of the leading axis, reading only their bytes."""
+        path = self._where[key]
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return f.get_slice(key)[start:stop]
         except SafetensorError as e:
             raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from None
 
