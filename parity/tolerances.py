@@ -190,6 +190,38 @@ BFLOAT16_TRAINING_GRADIENT = Tolerance("BFLOAT16_TRAINING_GRADIENT", 5e-2, (
     "gradient cut, a doubled path or a wrong sign moves components by O(1) relative."),
     per_sensitivity=8.0, ceiling=0.5)
 
+
+# --- The segmentation mask VQ-VAE (ref/vqvae.py, fast/vqvae.py) ---------------------------------
+
+VQVAE_FLOAT32 = Tolerance("VQVAE_FLOAT32", 1e-5, (
+    "a float32 run of the mask VQ-VAE (paligemma.fast, or torch.nn layers) vs paligemma.ref in "
+    "float64, decoder masks or encoder latents relative to their largest magnitude: about 12 "
+    "chained convolutions, each a dot product of at most 9 x 128 = 1152 (3x3 convs) or 512 (the "
+    "codebook width) terms, float32 unit roundoff 6e-8 times sqrt(n) ~ 30 per layer; ReLU and "
+    "the residual sums do not amplify it. Measured 1.0e-6 (decoder) and 1.2e-6 (encoder) on "
+    "the released sizes with random He-initialised weights, so 1e-5 (~80 float32 epsilons). A "
+    "transposed-convolution kernel that is not flipped, a swapped in/out axis or an off-by-one "
+    "padding moves outputs by O(1)."))
+
+QUANT_INT8_LOGITS = Tolerance("QUANT_INT8_LOGITS", 1e-2, (
+    "paligemma.ref on the int8-dequantized tree (ref/quant.py) vs on the float64 weights, logits: a "
+    "sanity property, not exactness. Each weight moves by up to half a step of max|w| / 127 over its "
+    "channel, RMS ~ max|w| / 440; for Gaussian channels of 8-300 values (max ~ 2-3 sigma) that is "
+    "~0.5% of sigma, about 4x the RMS relative perturbation of rounding to bfloat16, so the error "
+    "scales with the bfloat16 sensitivity: measured at most 9.1x it over 150 hypothesis-drawn "
+    "configs (0.13 at most raw). Bound 20x, ceiling 0.3. Applying each scale to the wrong channel "
+    "(rolled by one) measured at least 36x the sensitivity."), per_sensitivity=20.0, ceiling=0.3)
+
+QUANT_INT4_LOGITS = Tolerance("QUANT_INT4_LOGITS", 0.5, (
+    "as QUANT_INT8_LOGITS for int4 in groups of 128, and only a smoke test: a step of max|w| / 7 "
+    "is 18x int8's, which on tiny random models (width 8-48, one padded group per channel) is no "
+    "longer a small perturbation: logits moved by up to 1.48 relative (230x the bfloat16 "
+    "sensitivity, 48x the int8 error) over 150 draws. Bound 0.5 or 400x the sensitivity, ceiling "
+    "2.5: it catches a missing or wildly wrong scale, not subtle bugs; the element-wise half-step "
+    "bound and the hand-worked packing in tests/test_quant.py are the proof of the format."),
+    per_sensitivity=400.0, ceiling=2.5)
+
+
 def relative_error(actual, expected):
     """max |actual - expected| / max |expected| (0 when they are equal).
 
@@ -243,3 +275,44 @@ def assert_close(actual, expected, tolerance, what, sensitivity=0.0):
             f"(max |diff| {diff.max():.3g} at index {tuple(int(i) for i in where)}: actual {a[where]:.7g}, "
             f"expected {e[where]:.7g}; max |expected| {np.abs(e[finite]).max():.3g})")
     return err
+
+
+# --- Stage by stage (paligemma.parity.compare: a port's named activations vs a float64 golden) ------
+# Every stage is measured like the logits: relative_error, i.e. relative to the stage's own largest
+# magnitude, and bounded at the stage's own sensitivity, which the golden file records
+# (parity/golden.py: each stage's relative error when every weight is multiplied by
+# 1 + 2^-8 U(-1, 1), the size of bfloat16 rounding, so it is defined for bfloat16 checkpoints too).
+# Measured: paligemma.fast (XLA attention) on 40 hypothesis draws of `strategies.configs()` with
+# `golden.random_inputs` (batch 2, 6 text tokens), 800 stage comparisons, attention probabilities
+# included; stage sensitivities from 0 (a one-patch image: softmax over one key) to 0.19, median 8e-3.
+
+STAGE_FLOAT32 = Tolerance("STAGE_FLOAT32", 1e-5, (
+    "a float32 port, any stage, vs the float64 golden: FAST_FLOAT32's reasoning holds stage by stage "
+    "(each stage is a few float32 dot products past a norm); measured at most 1.4e-6 where the "
+    "stage's sensitivity is below 1e-2, error / sensitivity at most 4.3e-4 (median 5e-5), largest raw "
+    "error 8.4e-6; FAST_FLOAT32's numbers keep 7x and 2.3x of margin. An exact-erf GELU for the tanh "
+    "one fails it (3.4e-4 at img/block_00/mlp_out, parity/planted_bugs.py), and so would TF32 "
+    "matmuls (10-bit mantissas: unit roundoff 4.9e-4): float32 means float32 throughout."),
+    per_sensitivity=1e-3, ceiling=2e-4)
+
+STAGE_BFLOAT16 = Tolerance("STAGE_BFLOAT16", 2e-2, (
+    "a bfloat16 port (bfloat16 weights and activations; norms, softmax and logits in float32, as "
+    "paligemma.fast's BFLOAT16 policy) vs the float64 golden: the weights' rounding is the "
+    "sensitivity's perturbation, activations add roundings of the same size; measured error / "
+    "sensitivity median 1.4, max 7.7 (at the logits of a 2-layer width-16 draw), raw errors median "
+    "1.1e-2, at most 3.0e-2 where the sensitivity is below 1e-2, largest 0.15; bound "
+    "max(2e-2, 16 x sensitivity), at most 1, 2x over the worst draw. Only coarse bugs show in "
+    "bfloat16: check the mathematics in float32 first."), per_sensitivity=16.0, ceiling=1.0)
+
+STAGE_FLOAT16 = Tolerance("STAGE_FLOAT16", 2.5e-3, (
+    "a float16 port: STAGE_BFLOAT16 scaled by the ratio of unit roundoffs (float16 2^-11 = 4.9e-4, "
+    "bfloat16 2^-8: 8x smaller): floor 2.5e-3, 2 x sensitivity, at most 0.125. Derived, not measured "
+    "(this project has no float16 path); float16's range (max 65504) is the other risk, which shows "
+    "as NON-FINITE stages rather than as a tolerance question."), per_sensitivity=2.0, ceiling=0.125)
+
+STAGE_FLOAT64 = Tolerance("STAGE_FLOAT64", 1e-10, (
+    "a float64 port vs the float64 golden: FLOAT64_EXACT's reasoning (another order of the same "
+    "float64 arithmetic), stage by stage."))
+
+STAGE_TOLERANCES = {"float32": STAGE_FLOAT32, "bfloat16": STAGE_BFLOAT16, "float16": STAGE_FLOAT16,
+                    "float64": STAGE_FLOAT64}

@@ -13,6 +13,7 @@ Parameters are the `llm/...` subtree of big_vision; per-layer tensors carry a le
 
 import numpy as np
 
+from .capture import block_name, record, scope
 from .config import GemmaConfig
 from .ops import BIG_NEG, cast, einsum, gelu_tanh, softcap, softmax
 from .params import layer_slice
@@ -88,6 +89,7 @@ def attend(q, k, v, attn_mask, config: GemmaConfig):
     logits = softcap(logits, config.attn_logits_softcap)
     logits = np.where(attn_mask[:, None, None, :, :], logits, BIG_NEG)  # [B, K, G, T, S]
     probs = softmax(logits, axis=-1)  # [B, K, G, T, S]
+    record("attn_probs", probs.reshape(B, N, T, -1))  # [B, N, T, S]: head n = k * G + g
     enc = einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
     return enc.reshape(B, T, N, H)
 
@@ -134,15 +136,15 @@ def mlp(params, x):
 def block(params, x, positions, attn_mask, config: GemmaConfig, kv_cache=None):
     """One decoder layer; Gemma 2 (`post_norms`) also normalises each branch's output."""
     eps = config.norm_eps
-    h = attention(params["attn"], rms_norm(x, params["pre_attention_norm"]["scale"], eps),
-                  positions, attn_mask, config, kv_cache)  # [B, T, D]
+    y = rms_norm(x, params["pre_attention_norm"]["scale"], eps)  # [B, T, D]
+    h = record("attn_out", attention(params["attn"], y, positions, attn_mask, config, kv_cache))  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
     x = x + h  # [B, T, D]
-    h = mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps))  # [B, T, D]
+    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps)))  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
-    return x + h  # [B, T, D]
+    return record("out", x + h)  # [B, T, D]
 
 
 def uses_sliding_window(config: GemmaConfig, layer):
@@ -166,8 +168,9 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, local_mask
     for i in range(config.depth):
         mask = local_mask if uses_sliding_window(config, i) else attn_mask
         layer_cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i], kv_cache[2])
-        x = block(layer_slice(params["layers"], i), x, positions, mask, config, layer_cache)
-    return rms_norm(x, params["final_norm"]["scale"], config.norm_eps)  # [B, T, D]
+        with scope(block_name("llm", i)):
+            x = block(layer_slice(params["layers"], i), x, positions, mask, config, layer_cache)
+    return record("llm/final_norm", rms_norm(x, params["final_norm"]["scale"], config.norm_eps))  # [B, T, D]
 
 
 def logits(params, pre_logits, config: GemmaConfig):

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from . import gemma, siglip
+from .capture import record
 from .config import PaliGemmaConfig
 from .mask import make_attn_mask, positions_from_mask, same_block, sliding_window
 from .ops import compute_dtype
@@ -85,7 +86,7 @@ def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_a
     if config.legacy_image_scaling:
         zimg = legacy_image_scaling(zimg, table.dtype)
     ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, dtype)  # [B, T, D]
-    x = np.concatenate([zimg, ztxt], axis=1)  # [B, P+T, D]
+    x = record("llm/embed", np.concatenate([zimg, ztxt], axis=1))  # [B, P+T, D]
     B, P = zimg.shape[:2]
     input_mask = np.concatenate([np.ones((B, P), dtype=bool), input_mask], axis=1)  # [B, P+T]
     mask_ar = np.concatenate([np.zeros((B, P), dtype=np.int64), mask_ar], axis=1)  # [B, P+T]
@@ -129,4 +130,4 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_input_mask, full_mask_ar)
     pre_logits = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, local_mask)
     text = pre_logits[:, config.vision.num_patches :]  # [B, T, D]
-    return gemma.logits(params["llm"], text, config.llm)  # [B, T, V]
+    return record("logits", gemma.logits(params["llm"], text, config.llm))  # [B, T, V]

@@ -13,6 +13,7 @@ H head dim, D language-model width. Parameters are the `img/...` subtree of big_
 
 import numpy as np
 
+from .capture import block_name, record, scope
 from .config import VisionConfig
 from .ops import cast, einsum, gelu_tanh, softmax
 from .params import layer_slice
@@ -62,7 +63,7 @@ def attention(params, x):
     v = einsum("BSW,WNH->BSNH", x, cast(params["value"]["kernel"], x)) + cast(params["value"]["bias"], x)
     H = q.shape[-1]
     logits = einsum("BPNH,BSNH->BNPS", q * H**-0.5, k)  # [B, N, P, S]
-    probs = softmax(logits, axis=-1)  # [B, N, P, S]
+    probs = record("attn_probs", softmax(logits, axis=-1))  # [B, N, P, S]
     enc = einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
     out = einsum("BPNH,NHW->BPW", enc, cast(params["out"]["kernel"], x))  # [B, P, W]
     return out + cast(params["out"]["bias"], x)
@@ -79,9 +80,9 @@ def mlp(params, x):
 def encoder_block(params, x, eps):
     """One pre-LN ViT block. `params` is one layer's slice of `encoderblock`."""
     y = layer_norm(x, params["LayerNorm_0"]["scale"], params["LayerNorm_0"]["bias"], eps)
-    x = x + attention(params["MultiHeadDotProductAttention_0"], y)  # [B, P, W]
+    x = x + record("attn_out", attention(params["MultiHeadDotProductAttention_0"], y))  # [B, P, W]
     y = layer_norm(x, params["LayerNorm_1"]["scale"], params["LayerNorm_1"]["bias"], eps)
-    return x + mlp(params["MlpBlock_0"], y)  # [B, P, W]
+    return record("out", x + record("mlp_out", mlp(params["MlpBlock_0"], y)))  # [B, P, W]
 
 
 def encode(params, config: VisionConfig, images):
@@ -94,12 +95,13 @@ def encode(params, config: VisionConfig, images):
       [B, P, W].
     """
     x = patch_embed(params["embedding"], images, config.patch_size)  # [B, P, W]
-    x = add_position_embedding(x, params["pos_embedding"])  # [B, P, W]
+    x = record("img/embed", add_position_embedding(x, params["pos_embedding"]))  # [B, P, W]
     blocks = params["Transformer"]["encoderblock"]
     for i in range(config.depth):
-        x = encoder_block(layer_slice(blocks, i), x, config.layer_norm_eps)  # [B, P, W]
+        with scope(block_name("img", i)):
+            x = encoder_block(layer_slice(blocks, i), x, config.layer_norm_eps)  # [B, P, W]
     norm = params["Transformer"]["encoder_norm"]
-    return layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps)  # [B, P, W]
+    return record("img/encoder_norm", layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps))
 
 
 def head(params, x):
@@ -109,4 +111,4 @@ def head(params, x):
 
 def embed_image(params, config: VisionConfig, images):
     """Image tokens as the language model sees them: [B, R, R, 3] -> [B, P, D]."""
-    return head(params["head"], encode(params, config, images))
+    return record("img/head", head(params["head"], encode(params, config, images)))  # [B, P, D]
