@@ -22,7 +22,7 @@ $(TPU_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TPU_VENV)
 	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TPU_VENV)/bin/python -m pip install --quiet "jax[tpu]==0.10.2"
-	$(TPU_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(TPU_VENV)/bin/python -m pip install --quiet -e .  # with the runtime deps: the sharded compile plan imports paligemma.fast
 	touch $(TPU_STAMP)
 
 tpu-env: $(TPU_STAMP)

@@ -4,6 +4,7 @@
     paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
     paligemma generate ... --impl ref --dtype float64 --top-k 40 --temperature 0.8 --show-tokens
+    paligemma generate ... --dtype bfloat16 --mesh data=2,model=4                 # split over 8 devices
 
 Progress ("loading tokenizer", "loading checkpoint", "preparing parameters", "compiling",
 "generating") goes to stderr: on a terminal as a live line completed with its time, otherwise
@@ -19,6 +20,10 @@ import os
 import sys
 import time
 import traceback
+
+from .tasks import add_arguments as add_task_arguments
+from .tasks import check_arguments as check_task_arguments
+from .tasks import task_outputs
 
 # paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
 IMPLS = ("fast", "ref")
@@ -100,6 +105,8 @@ def build_parser():
     g.add_argument("--preprocess", choices=PREPROCESS, default="big_vision", help="image resize convention")
     g.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
     g.add_argument("--seed", type=int, default=0, metavar="N")
+    g.add_argument("--mesh", metavar="SPEC", help="split the model over devices, e.g. data=2,model=4 "
+                                                   "(axes data, fsdp, model; docs/scaling.md)")
     s = g.add_argument_group("sampling (default greedy; --sampler or the convenience flags)")
     s.add_argument("--sampler", metavar="SPEC", help="greedy, temperature(t), top_k(k[, t]), nucleus(p[, t]), beam(n)")
     s.add_argument("--temperature", type=float, metavar="T")
@@ -111,10 +118,15 @@ def build_parser():
     g.add_argument("--json", action="store_true", help="one JSON object per line")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_task_arguments(g)
     g.set_defaults(run=run_generate)
     from .finetune import add_parser as add_finetune
 
     add_finetune(commands, UsageError)
+    from .parity import add_parser as add_parity
+    add_parity(commands, UsageError)
+    from .quantize import add_parser as add_quantize
+    add_quantize(commands, UsageError)
     return parser
 
 
@@ -173,8 +185,15 @@ def _check_inputs(args):
         raise UsageError(f"{n_images} --image and {n_prompts} --prompt: give equal numbers, or one of either")
     if args.impl == "fast" and args.dtype == "float64":
         raise UsageError("--dtype float64 needs --impl ref (the JAX implementation runs float32 or bfloat16)")
+    if args.mesh is not None:
+        if args.impl != "fast":
+            raise UsageError("--mesh needs --impl fast (the NumPy reference runs on the host)")
+        from paligemma.fast import sharding
+
+        sharding.parse_mesh(args.mesh, sharding.INFERENCE_AXES)  # a bad spec fails before the checkpoint is read
     _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
     _check_file(args.tokenizer, "--tokenizer")
+    check_task_arguments(args, UsageError, _check_file)
     from paligemma.ref import load_image
 
     for path in args.image:
@@ -187,7 +206,7 @@ def _escape(text):
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def print_results(pairs, results, show_tokens, as_json, out):
+def print_results(pairs, results, show_tokens, as_json, out, extras=None):
     """Writes one entry per (image, prompt) pair.
 
     Args:
@@ -196,19 +215,23 @@ def print_results(pairs, results, show_tokens, as_json, out):
       show_tokens: add the generated ids and log-probabilities.
       as_json: one JSON object per line instead of text.
       out: the stream (stdout).
+      extras: None, or per pair None or a dict (detect / segment objects, cli/tasks.py): merged
+        into the JSON record, or printed as one JSON line after the text.
     """
-    for (image, prompt), r in zip(pairs, results):
+    for (image, prompt), r, extra in zip(pairs, results, extras or [None] * len(pairs)):
         if as_json:
             record = {"image": image, "prompt": prompt, "text": r.text, "finished": r.finished}
             if show_tokens:
                 record.update(tokens=r.tokens.tolist(), logprobs=[round(float(x), 6) for x in r.logprobs])
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json.dumps({**record, **(extra or {})}, ensure_ascii=False) + "\n")
             continue
         # One pair: the bare text. Several: image <TAB> prompt <TAB> text, one line each.
         out.write((r.text if len(pairs) == 1 else "\t".join(map(_escape, (image, prompt, r.text)))) + "\n")
         if show_tokens:
             out.write("  tokens: " + " ".join(str(int(i)) for i in r.tokens) + "\n")
             out.write("  logprobs: " + " ".join(f"{x:.4f}" for x in r.logprobs) + "\n")
+        if extra is not None:
+            out.write(json.dumps(extra, ensure_ascii=False) + "\n")
 
 
 def run_generate(args):
@@ -220,7 +243,7 @@ def run_generate(args):
     overrides = {"final_logits_softcap": None} if args.no_final_softcap else {}
     status = StatusLines(sys.stderr, enabled=not args.quiet)
     model = PaliGemma.load(args.checkpoint, args.tokenizer, impl=args.impl, dtype=args.dtype,
-                           preprocess=args.preprocess, progress=status, **overrides)
+                           preprocess=args.preprocess, progress=status, mesh=args.mesh, **overrides)
     images = args.image if len(args.image) > 1 else args.image[0]
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     results = model.generate(images, prompts, max_new_tokens=args.max_new_tokens, sampler=spec, seed=args.seed)
@@ -228,7 +251,8 @@ def run_generate(args):
     n = len(results)
     pairs = list(zip(args.image * n if len(args.image) == 1 else args.image,
                      args.prompt * n if len(args.prompt) == 1 else args.prompt))
-    print_results(pairs, results, args.show_tokens, args.json, sys.stdout)
+    extras = task_outputs(pairs, results, args, sys.stderr)
+    print_results(pairs, results, args.show_tokens, args.json, sys.stdout, extras)
     return 0
 
 

@@ -17,10 +17,13 @@ Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H head d
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from paligemma import kernels
+from paligemma.ref.capture import record
 
 from .policy import Policy
+from .sharding import BATCH_AXES
 
 # big_vision masks with this finite value, not -inf: a row with no visible key is uniform.
 BIG_NEG = -2.3819763e38
@@ -43,6 +46,7 @@ def attend_xla(q, k, v, attn_mask, softcap):
         logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, BIG_NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    record("attn_probs", probs.reshape(B, N, T, -1))  # [B, N, T, S]: head n = k * G + g
     enc = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
     return enc.reshape(B, T, N, H).astype(q.dtype)
 
@@ -57,6 +61,37 @@ def attend_pallas(q, k, v, token_mask, softcap, window, backend):
     if token_mask is None:
         raise ValueError("attend: the Pallas kernels need the mask as per-token vectors (token_mask=TokenMask)")
     return kernels.attention(q, k, v, token_mask, window=window, softcap=softcap, backend=backend)
+
+
+def attend_pallas_sharded(q, k, v, token_mask, softcap, window, backend, mesh):
+    """`attend_pallas` under `shard_map` on `mesh`: a Pallas call is opaque to XLA's partitioner,
+    which would otherwise gather its inputs onto every device.
+
+    Each device runs the kernel on its examples (data, fsdp) and its query heads (model, when the
+    model size divides N). kv heads split alike when the model size divides K; with fewer kv
+    heads than devices (replicated, `sharding.kv_cache_spec`) a device's N / model query heads
+    all read one kv head (when K divides the model size), which it slices out; otherwise the
+    heads stay whole on every device.
+    """
+    B, _, N, _ = q.shape
+    K, model = k.shape[2], mesh.shape["model"]
+    batch = BATCH_AXES if B % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+    heads = "model" if model > 1 and N % model == 0 and (K % model == 0 or model % K == 0) else None
+    kv_heads = heads if K % model == 0 else None
+    q_spec, kv_spec, rows = (PartitionSpec(batch, None, heads, None), PartitionSpec(batch, None, kv_heads, None),
+                             PartitionSpec(batch, None))
+    windowed = window is not None  # a traced scalar crosses into shard_map as an argument
+    backend = backend or kernels.platform_backend(mesh.devices.flat[0].platform)  # the mesh's, not the host's
+
+    def local(q, k, v, token_mask, window):  # q [B', T, N', H], k, v [B', S, K or K', H]
+        if heads and not kv_heads:  # this device's query heads share kv head (first head) // G
+            kv_head = jax.lax.axis_index("model") * q.shape[2] // (N // K)
+            k, v = (jax.lax.dynamic_slice_in_dim(a, kv_head, 1, axis=2) for a in (k, v))  # [B', S, 1, H]
+        return attend_pallas(q, k, v, token_mask, softcap, window if windowed else None, backend)
+
+    in_specs = (q_spec, kv_spec, kv_spec, kernels.TokenMask(*([rows] * 6)), PartitionSpec())
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+        q, k, v, token_mask, jnp.asarray(window if windowed else 0, jnp.int32))
 
 
 def attend(q, k, v, attn_mask, softcap, policy: Policy, token_mask=None, window=None):
@@ -74,4 +109,7 @@ def attend(q, k, v, attn_mask, softcap, policy: Policy, token_mask=None, window=
         if attn_mask is None:
             attn_mask = kernels.dense(token_mask, window)
         return attend_xla(q, k, v, attn_mask, softcap)
-    return attend_pallas(q, k, v, token_mask, softcap, window, "interpret" if impl == "pallas_interpret" else None)
+    backend = "interpret" if impl == "pallas_interpret" else None
+    if policy.mesh is not None:
+        return attend_pallas_sharded(q, k, v, token_mask, softcap, window, backend, policy.mesh)
+    return attend_pallas(q, k, v, token_mask, softcap, window, backend)

@@ -18,7 +18,7 @@ from paligemma import kernels
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import Generation, Sampler, validate_generate_args
 
-from . import gemma
+from . import gemma, sharding
 from .mask import sliding_window
 from .model import embed_image_and_text, jit_model, prefix_lm_masks
 from .policy import FLOAT32, Policy
@@ -45,8 +45,9 @@ class KVCache(NamedTuple):
 
 def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, max_new_tokens, policy, rope):
     """Runs the prompt and fills the cache; returns (cache, logits [B, V] after each last real token)."""
-    g = config.llm
+    g, mesh = config.llm, policy.mesh
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
+    x = sharding.constrain(x, mesh, sharding.batch_spec(3))  # [B, N, D]
     B, N, _ = x.shape
     S = N + max_new_tokens
     if policy.uses_kernels:  # whole kernel tiles: the kernels would otherwise pad (copy) the cache
@@ -55,20 +56,24 @@ def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     token_mask = kernels.TokenMask.prefix_lm(full_mask, full_ar).pad_keys(S) if policy.uses_kernels else None
     pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, S - N)))  # noqa: E731
     kv_shape = (g.depth, B, S, g.num_kv_heads, g.head_dim)
-    k0, v0 = jnp.zeros(kv_shape, policy.kv_dtype), jnp.zeros(kv_shape, policy.kv_dtype)
+    cache_spec = sharding.kv_cache_spec(mesh, g.num_kv_heads)
+    k0, v0 = (sharding.constrain(jnp.zeros(kv_shape, policy.kv_dtype), mesh, cache_spec) for _ in "kv")
     pre_logits, (k, v) = gemma.transformer(params["llm"], x, positions, pad(attn_mask), g, policy, rope,
                                            pad(local_mask), (k0, v0, 0), token_mask)  # [B, N, D]
+    k, v = sharding.constrain(k, mesh, cache_spec), sharding.constrain(v, mesh, cache_spec)  # [L, B, S, K, H]
     cache = KVCache(k, v, jnp.pad(full_mask, ((0, 0), (0, S - N))), jnp.pad(positions, ((0, 0), (0, S - N))),
                     full_mask.sum(axis=1).astype(jnp.int32), jnp.int32(N))
     last = N - 1 - jnp.argmax(full_mask[:, ::-1], axis=1)  # [B] index of the last real token
     last_pre_logits = pre_logits[jnp.arange(B), last][:, None]  # [B, 1, D]
-    return cache, gemma.logits(params["llm"], last_pre_logits, g)[:, 0]  # [B, V]
+    logits = gemma.logits(params["llm"], last_pre_logits, g, mesh)[:, 0]  # [B, V]
+    return cache, sharding.constrain(logits, mesh, sharding.logits_spec(mesh, g.vocab_size, 2))
 
 
 def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens, policy, rope):
     """Feeds one token per example ([B]); returns (cache, logits [B, V] for the next token)."""
-    g = config.llm
+    g, mesh = config.llm, policy.mesh
     x = gemma.embed_tokens(params["llm"]["embedder"], tokens[:, None], policy.dtype)  # [B, 1, D]
+    x = sharding.constrain(x, mesh, sharding.batch_spec(3))  # [B, 1, D]
     slot = cache.next_slot
     positions = cache.lengths[:, None]  # [B, 1]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, jnp.ones((len(tokens), 1), bool), slot, axis=1)
@@ -82,8 +87,11 @@ def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens, policy, rope
                                        valid, positions, key_positions)
     pre_logits, (k, v) = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask,
                                            (cache.k, cache.v, slot), token_mask)  # [B, 1, D]
+    cache_spec = sharding.kv_cache_spec(mesh, g.num_kv_heads)
+    k, v = sharding.constrain(k, mesh, cache_spec), sharding.constrain(v, mesh, cache_spec)  # [L, B, S, K, H]
     cache = KVCache(k, v, valid, key_positions, cache.lengths + 1, slot + 1)
-    return cache, gemma.logits(params["llm"], pre_logits, g)[:, 0]  # [B, V]
+    logits = gemma.logits(params["llm"], pre_logits, g, mesh)[:, 0]  # [B, V]
+    return cache, sharding.constrain(logits, mesh, sharding.logits_spec(mesh, g.vocab_size, 2))
 
 
 # --- Samplers (the reference's rules, with jax.random) ------------------------------------
@@ -194,14 +202,20 @@ def _beam_search(params, config, cache, logits, beams, max_new_tokens, policy, r
 
 
 def generate(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None,
-             max_new_tokens=32, sampler="greedy", seed=0, policy: Policy = FLOAT32):
+             max_new_tokens=32, sampler="greedy", seed=0, policy: Policy = FLOAT32, mesh=None):
     """The reference's `generate`, compiled: returns `Generation(tokens, logprobs)` (NumPy).
 
     Sampling draws from `jax.random.PRNGKey(seed)`, so it is reproducible but not the same
     stream as the reference's NumPy generator; greedy and beam search give the same tokens.
+    mesh: None (one device; or `policy.mesh`), a `jax.sharding.Mesh` or a description such as
+    "data=2,model=4" (`fast.sharding`): parameters not yet on it are placed by the rule table
+    (`sharding.place_params`; place them once yourself to avoid doing it per call), examples are
+    split over data and fsdp (the batch padded with copies of its last example to a multiple).
     """
     images, tokens, mask_ar, input_mask, sampler = validate_generate_args(
         config, images, tokens, mask_ar, input_mask, max_new_tokens, sampler)
-    out, logp = _generate(params, images, tokens.astype(np.int32), mask_ar.astype(np.int32), input_mask,
-                          jax.random.PRNGKey(seed), config, policy, int(max_new_tokens), sampler)
-    return Generation(np.asarray(out).astype(np.int64), np.asarray(logp).astype(np.float64))
+    inputs = [images, tokens.astype(np.int32), mask_ar.astype(np.int32), input_mask]
+    params, inputs, policy = sharding.on_mesh(params, inputs, policy, mesh)
+    out, logp = _generate(params, *inputs, jax.random.PRNGKey(seed), config, policy, int(max_new_tokens), sampler)
+    out, logp = (x[: len(tokens)] for x in sharding.to_host((out, logp)))
+    return Generation(out.astype(np.int64), logp.astype(np.float64))

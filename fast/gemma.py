@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma import kernels
+from paligemma.ref import capture
+from paligemma.ref.capture import record
 from paligemma.ref.config import GemmaConfig
 
+from . import sharding
 from .attention import attend
 from .policy import Policy
 
@@ -155,13 +158,14 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, 
     eps = config.norm_eps
     h, updated = attention(params["attn"], rms_norm(x, params["pre_attention_norm"]["scale"], eps),
                            positions, attn_mask, config, policy, rope, kv_cache, token_mask, window)  # [B, T, D]
+    record("attn_out", h)
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
     x = x + h
-    h = mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps))  # [B, T, D]
+    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps)))  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
-    return x + h, updated
+    return record("out", x + h), updated
 
 
 def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
@@ -185,7 +189,8 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
         window = jnp.where(index % 2 == 0, config.sliding_window, kernels.NO_WINDOW) if windowed else None
         kv = None if cache_l is None else (*cache_l, kv_cache[2])
         x, updated = block(params_l, x, positions, mask, config, policy, rope, kv, token_mask, window)
-        return x, updated
+        # On a mesh: examples split, width whole (after the output projections' all-reduce).
+        return sharding.constrain(x, policy.mesh, sharding.batch_spec(3)), updated  # [B, T, D]
 
     if policy.remat == "full":
         step = jax.checkpoint(step)
@@ -194,12 +199,13 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
         updates = []
         for index, params_l in enumerate(params["layers"]):
             cache_l = None if caches is None else (caches[0][index], caches[1][index])
-            x, update = step(x, (params_l, jnp.int32(index), cache_l))
+            with capture.scope(capture.block_name("llm", index)):  # names for fast/capture.py
+                x, update = step(x, (params_l, jnp.int32(index), cache_l))
             updates.append(update)
         updated = None if caches is None else tuple(jnp.stack(u) for u in zip(*updates))
     else:
         x, updated = jax.lax.scan(step, x, (params["layers"], jnp.arange(config.depth), caches))
-    return rms_norm(x, params["final_norm"]["scale"], config.norm_eps), updated
+    return record("llm/final_norm", rms_norm(x, params["final_norm"]["scale"], config.norm_eps)), updated
 
 
 def unstack_layers(params):
@@ -235,12 +241,14 @@ def _vocab_slab(V, target=8192):
     return max(d for d in range(1, min(V, target) + 1) if V % d == 0)
 
 
-def logits(params, pre_logits, config: GemmaConfig):
+def logits(params, pre_logits, config: GemmaConfig, mesh=None):
     """Tied projection `pre_logits @ E^T` in float32, then the optional final softcap: [B, T, V].
 
     On CPU a table that is not float32 goes through the dot in vocabulary slabs: XLA:CPU has
     no bfloat16 dot and converts both operands to float32 first, and one slab at a time that
-    copy is ~50 MB instead of the whole table (2.1 GB for PaliGemma's 257152 x 2048).
+    copy is ~50 MB instead of the whole table (2.1 GB for PaliGemma's 257152 x 2048). Not on a
+    mesh with a model axis, whose devices each convert only their rows of the table (and a
+    `lax.map` over row slabs split across devices would gather them).
     """
     table = params["embedder"]["input_embedding"]  # [V, D]
     V, D = table.shape
@@ -249,7 +257,8 @@ def logits(params, pre_logits, config: GemmaConfig):
     def project(rows):  # [V', D] -> [B, T, V']
         return jnp.einsum("BTD,VD->BTV", pre_logits, rows.astype(pre_logits.dtype), preferred_element_type=jnp.float32)
 
-    if table.dtype == jnp.float32 or jax.default_backend() != "cpu" or slab < 1024:
+    split = mesh is not None and mesh.shape["model"] > 1
+    if table.dtype == jnp.float32 or jax.default_backend() != "cpu" or slab < 1024 or split:
         out = project(table)  # [B, T, V]
     else:
         out = jax.lax.map(project, table.reshape(V // slab, slab, D))  # [V / slab, B, T, slab]

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from paligemma import kernels
+from paligemma.ref.capture import record
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import validate_inputs
 
-from . import gemma, siglip
+from . import gemma, sharding, siglip
 from .mask import make_attn_mask, positions_from_mask, same_block, sliding_window
 from .policy import FLOAT32, Policy
 
@@ -39,7 +40,7 @@ def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_a
     if config.legacy_image_scaling:
         zimg = legacy_image_scaling(zimg, table.dtype)
     ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, policy.dtype)  # [B, T, D]
-    x = jnp.concatenate([zimg.astype(policy.dtype), ztxt], axis=1)  # [B, P+T, D]
+    x = record("llm/embed", jnp.concatenate([zimg.astype(policy.dtype), ztxt], axis=1))  # [B, P+T, D]
     B, P = zimg.shape[:2]
     input_mask = jnp.concatenate([jnp.ones((B, P), bool), input_mask.astype(bool)], axis=1)
     mask_ar = jnp.concatenate([jnp.zeros((B, P), jnp.int32), mask_ar.astype(jnp.int32)], axis=1)
@@ -88,18 +89,23 @@ def jit_model(fn, static_argnames):
 
 def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
+    x = sharding.constrain(x, policy.mesh, sharding.batch_spec(3))  # [B, P+T, D]
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_mask, full_ar)
     token_mask = kernels.TokenMask.prefix_lm(full_mask, full_ar) if policy.uses_kernels else None
     rope = gemma.rope_table(x.shape[1], config.llm.head_dim, config.llm.rope_base)
     pre_logits, _ = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, policy, rope, local_mask,
                                       token_mask=token_mask)
-    return gemma.logits(params["llm"], pre_logits[:, config.vision.num_patches :], config.llm)  # [B, T, V]
+    text = pre_logits[:, config.vision.num_patches :]  # [B, T, D]
+    logits = gemma.logits(params["llm"], text, config.llm, policy.mesh)  # [B, T, V]
+    logits = sharding.constrain(logits, policy.mesh, sharding.logits_spec(policy.mesh, config.llm.vocab_size, 3))
+    return record("logits", logits)  # [B, T, V]
 
 
 _forward = jit_model(_forward, ("config", "policy"))
 
 
-def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None, policy: Policy = FLOAT32):
+def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None, policy: Policy = FLOAT32,
+            mesh=None):
     """Text logits [B, T, V] (float32), jit-compiled; the reference's signature and semantics.
 
     Args:
@@ -107,6 +113,12 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
         stacked or per-layer, see `gemma.unstack_layers`).
       images: [B, R, R, 3] in [-1, 1]; tokens, mask_ar, input_mask: [B, T] as in `ref.forward`.
       policy: compute / cache dtypes, attention implementation, remat.
+      mesh: None, a `jax.sharding.Mesh` or a description ("data=2,model=4"), as in
+        `fast.generate`; the logits then come back split over the mesh (examples over data and
+        fsdp, V over model).
     """
     images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
-    return _forward(params, images, tokens.astype("int32"), mask_ar.astype("int32"), input_mask, config, policy)
+    inputs = [images, tokens.astype("int32"), mask_ar.astype("int32"), input_mask]
+    params, inputs, policy = sharding.on_mesh(params, inputs, policy, mesh)
+    logits = _forward(params, *inputs, config, policy)  # [B', T, V]
+    return logits if len(logits) == len(tokens) else logits[: len(tokens)]

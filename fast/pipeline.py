@@ -11,6 +11,12 @@
 parameters put on the device once); `impl="ref"` runs the NumPy reference (float32, bfloat16
 parameters computed in float32 with big_vision's cast points, or float64).
 
+    model = PaliGemma.load("paligemma2-28b-pt-224.npz", tok, dtype="bfloat16", mesh="data=2,model=4")
+
+`mesh` (fast only; a description or a `jax.sharding.Mesh`, see `paligemma.fast.sharding`) splits
+the model over devices: each device's shards are read straight from the memory-mapped checkpoint
+(`sharding.place_params`), so neither the host nor any device ever holds the whole model.
+
 Vocabulary: the tokenizer decides it. A checkpoint with more embedding rows than the tokenizer
 has pieces (Hugging Face pads 257152 to 257216) is sliced to the tokenizer's `vocab_size`
 in memory (a view, no copy), so generation can never emit an id the tokenizer cannot decode;
@@ -29,6 +35,7 @@ import numpy as np
 from paligemma import ref
 from paligemma.ref.params import flatten, tree_map
 
+from . import sharding
 from .decode import generate as fast_generate
 from .policy import BFLOAT16, FLOAT32
 
@@ -97,20 +104,23 @@ def fit_vocab(config, params, tokenizer):
     return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab)), params
 
 
-def _place(params, impl, dtype):
-    """Parameters in `dtype`, as NumPy arrays (ref) or device arrays (fast).
+def _place(params, impl, dtype, mesh=None):
+    """Parameters in `dtype`, as NumPy arrays (ref) or device arrays (fast; on `mesh` if given).
 
     Leaf by leaf (layer by layer for per-layer buffers): for fast, the host holds at most one
     cast leaf at a time on its way to the device; a leaf already in `dtype` (e.g. a
     memory-mapped .npz member) is not copied on the host. On CPU with float32 weights the
     language model's layers become per-layer buffers (`paligemma.fast.unstack_layers`), which
     decoding reads in place; with bfloat16 weights XLA:CPU converts every weight to float32
-    where it is used anyway, so they stay stacked (fewer buffers live at once).
+    where it is used anyway, so they stay stacked (fewer buffers live at once). On a mesh the
+    layers stay stacked and each device's shard is cast on its own (`sharding.place_params`).
     """
     np_dtype = DTYPES[dtype]
     cast = lambda x: np.asarray(x).astype(np_dtype, copy=False)  # noqa: E731
     if impl == "ref":
         return tree_map(cast, params)
+    if mesh is not None:
+        return sharding.place_params(params, mesh, np_dtype)
     put = lambda x: jax.device_put(cast(x))  # noqa: E731
     if dtype != "float32" or jax.default_backend() != "cpu":
         return tree_map(put, params)
@@ -119,6 +129,13 @@ def _place(params, impl, dtype):
     placed = tree_map(put, {**params, "llm": {k: v for k, v in params["llm"].items() if k != "layers"}})
     placed["llm"]["layers"] = tuple(tree_map(lambda w: put(np.asarray(w)[i]), layers) for i in range(depth))
     return placed
+
+
+def _check_mesh(mesh, impl):
+    """The mesh as a `Mesh` (or None); raises ValueError for a bad one or for impl="ref"."""
+    if mesh is not None and impl != "fast":
+        raise ValueError(f"mesh: only impl='fast' runs on a device mesh, got impl={impl!r}")
+    return sharding.mesh_from(mesh)
 
 
 def _as_list(value, name):
@@ -173,30 +190,33 @@ class PaliGemma:
       progress: `progress(stage)` returning a context manager, entered around each slow stage
         ("preparing parameters", "compiling", "generating"); see `no_progress`. "compiling" is
         the fast impl's first call at new shapes: the compilation and that call's generation.
+      mesh: None (one device), a `jax.sharding.Mesh` or a description such as "data=2,model=4"
+        (fast only): the devices the model is split over (`paligemma.fast.sharding`).
     Raises:
-      ValueError for an unknown impl/dtype/preprocess or a tokenizer that does not fit.
+      ValueError for an unknown impl/dtype/preprocess, a bad mesh or a tokenizer that does not fit.
     """
 
     def __init__(self, config, params, tokenizer, impl="fast", dtype="float32", preprocess="big_vision",
-                 progress=no_progress):
+                 progress=no_progress, mesh=None):
         _check_choice("impl", impl, IMPLS)
         _check_choice("dtype", dtype, _FAST_DTYPES if impl == "fast" else tuple(DTYPES))
         _check_choice("preprocess", preprocess, PREPROCESS_METHODS)
+        self.mesh = _check_mesh(mesh, impl)
         self.tokenizer = tokenizer if isinstance(tokenizer, ref.Tokenizer) else ref.Tokenizer(tokenizer)
         self.impl, self.dtype, self.preprocess, self.progress = impl, dtype, preprocess, progress
         self.config, params = fit_vocab(config, params, self.tokenizer)
         with progress("preparing parameters"):
-            self.params = _place(params, impl, dtype)
+            self.params = _place(params, impl, dtype, self.mesh)
 
     @classmethod
     def load(cls, checkpoint, tokenizer, impl="fast", dtype="float32", preprocess="big_vision",
-             progress=no_progress, **load_overrides):
+             progress=no_progress, mesh=None, **load_overrides):
         """Reads a tokenizer and a checkpoint (`.npz`, `.safetensors` or an HF directory).
 
         Args:
           checkpoint: path for `paligemma.ref.load`.
           tokenizer: path of the SentencePiece `.model` file (or a `Tokenizer`).
-          impl, dtype, preprocess, progress: see the class.
+          impl, dtype, preprocess, progress, mesh: see the class.
           **load_overrides: config fields for `paligemma.ref.load`, e.g. `final_logits_softcap=None`.
         Returns:
           `PaliGemma`.
@@ -207,16 +227,18 @@ class PaliGemma:
         _check_choice("impl", impl, IMPLS)
         _check_choice("dtype", dtype, _FAST_DTYPES if impl == "fast" else tuple(DTYPES))
         _check_choice("preprocess", preprocess, PREPROCESS_METHODS)
+        mesh = _check_mesh(mesh, impl)
         if not isinstance(tokenizer, ref.Tokenizer):
             with progress("loading tokenizer"):
                 tokenizer = ref.Tokenizer(os.fspath(tokenizer))
         with progress("loading checkpoint"):
             config, params = ref.load(checkpoint, **load_overrides)
-        return cls(config, params, tokenizer, impl, dtype, preprocess, progress)
+        return cls(config, params, tokenizer, impl, dtype, preprocess, progress, mesh)
 
     def __repr__(self):
+        mesh = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
         return (f"PaliGemma({self.config.name}, impl={self.impl!r}, dtype={self.dtype!r}, "
-                f"preprocess={self.preprocess!r}, vocab_size={self.config.llm.vocab_size})")
+                f"preprocess={self.preprocess!r}, vocab_size={self.config.llm.vocab_size}{mesh})")
 
     def generate(self, images, prompts, max_new_tokens=32, sampler="greedy", seed=0):
         """Generates text for each (image, prompt) pair, as one batch.
@@ -258,9 +280,9 @@ class PaliGemma:
         prompt = _pad_prompts(prompt, _TEXT_BUCKET, self.tokenizer.pad_id)
         # A new static shape compiles on its first call; say so, since it takes far longer.
         policy = _FAST_POLICIES[self.dtype]
-        key = (self.config, policy, prompt.tokens.shape, max_new_tokens, sampler)
+        key = (self.config, policy, prompt.tokens.shape, max_new_tokens, sampler, self.mesh)
         with self.progress("generating" if key in _COMPILED else "compiling"):
             out = fast_generate(self.params, self.config, pixels, *prompt, max_new_tokens=max_new_tokens,
-                                sampler=sampler, seed=seed, policy=policy)
+                                sampler=sampler, seed=seed, policy=policy, mesh=self.mesh)
         _COMPILED.add(key)
         return out

@@ -7,8 +7,11 @@ of every jitted function, so each combination compiles once.
 
 import dataclasses
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "full")
@@ -26,12 +29,16 @@ class Policy:
       "pallas_interpret" (the same kernels in Pallas' interpreter: any platform, slow; tests).
     remat: "none" or "full" (recompute each layer in the backward pass: less memory for
       fine-tuning, no effect on results).
+    mesh: None (one device), or the `jax.sharding.Mesh` (axes `fast.sharding.AXES`) inference
+      runs on: the KV cache, residual stream and logits are constrained to its shardings and the
+      Pallas kernels run under `shard_map`; `forward` and `generate` set it from their `mesh=`.
     """
 
     compute_dtype: str = "float32"
     cache_dtype: str = "float32"
     attention_impl: str = "auto"
     remat: str = "none"
+    mesh: Optional[Mesh] = None
 
     def __post_init__(self):
         for name, allowed in (("compute_dtype", ("float32", "bfloat16")), ("cache_dtype", ("float32", "bfloat16")),

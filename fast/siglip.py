@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from paligemma import kernels
+from paligemma.ref import capture
+from paligemma.ref.capture import record
 from paligemma.ref.config import VisionConfig
 
 from .attention import attend
@@ -55,7 +57,7 @@ def attention(params, x, policy: Policy = None):
         enc = attend(q * jnp.asarray(H**-0.5, x.dtype), k, v, None, None, policy, everything)  # [B, P, N, H]
     else:
         logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, N, P, S]
+        probs = record("attn_probs", jax.nn.softmax(logits, axis=-1).astype(x.dtype))  # [B, N, P, S]
         enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
     out = jnp.einsum("BPNH,NHW->BPW", enc, _cast(params["out"]["kernel"], x))  # [B, P, W]
     return out + _cast(params["out"]["bias"], x)
@@ -72,24 +74,30 @@ def mlp(params, x):
 def encoder_block(params, x, eps, policy: Policy = None):
     """One pre-LN ViT block; `params` is one layer's slice of `encoderblock`."""
     y = layer_norm(x, params["LayerNorm_0"]["scale"], params["LayerNorm_0"]["bias"], eps)
-    x = x + attention(params["MultiHeadDotProductAttention_0"], y, policy)  # [B, P, W]
+    x = x + record("attn_out", attention(params["MultiHeadDotProductAttention_0"], y, policy))  # [B, P, W]
     y = layer_norm(x, params["LayerNorm_1"]["scale"], params["LayerNorm_1"]["bias"], eps)
-    return x + mlp(params["MlpBlock_0"], y)  # [B, P, W]
+    return record("out", x + record("mlp_out", mlp(params["MlpBlock_0"], y)))  # [B, P, W]
 
 
 def encode(params, config: VisionConfig, images, policy: Policy):
     """[B, R, R, 3] -> [B, P, W] after the last block and the final LayerNorm."""
     x = patch_embed(params["embedding"], images.astype(policy.dtype), config.patch_size)  # [B, P, W]
-    x = add_position_embedding(x, params["pos_embedding"])
+    x = record("img/embed", add_position_embedding(x, params["pos_embedding"]))
 
     def step(x, layer):
         return encoder_block(layer, x, config.layer_norm_eps, policy), None
 
     if policy.remat == "full":
         step = jax.checkpoint(step)
-    x, _ = jax.lax.scan(step, x, params["Transformer"]["encoderblock"])  # [B, P, W]
+    blocks = params["Transformer"]["encoderblock"]
+    if capture.active():  # named activations (fast/capture.py): a scan body cannot report them out
+        for i in range(config.depth):
+            with capture.scope(capture.block_name("img", i)):
+                x, _ = step(x, jax.tree_util.tree_map(lambda w: w[i], blocks))  # noqa: B023
+    else:
+        x, _ = jax.lax.scan(step, x, blocks)  # [B, P, W]
     norm = params["Transformer"]["encoder_norm"]
-    return layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps)
+    return record("img/encoder_norm", layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps))
 
 
 def head(params, x):
@@ -99,4 +107,4 @@ def head(params, x):
 
 def embed_image(params, config: VisionConfig, images, policy: Policy):
     """Image tokens as the language model sees them: [B, R, R, 3] -> [B, P, D]."""
-    return head(params["head"], encode(params, config, images, policy))
+    return record("img/head", head(params["head"], encode(params, config, images, policy)))  # [B, P, D]
