@@ -37,10 +37,15 @@ _FLAGS = [
     ("--keep-checkpoints", "keep_checkpoints", int, "training checkpoints kept"),
     ("--eval-every", "eval_every", int, "steps between evaluations (0: at the end)"),
     ("--log-every", "log_every", int, "steps between logged losses"),
+    ("--video-frames", "video_frames", int, "frames sampled from each \"video\" line (default 16)"),
+    ("--video-stride", "video_stride", int, "stride between sampled video frames (default 9)"),
+    ("--eval-task", "eval_task", str, "validation metric: exact_match (default) or a `paligemma evaluate` task"),
+    ("--eval-vae", "eval_vae", str, "mask VQ-VAE .npz for --eval-task segment"),
 ]
 # Spelled out here (they mirror paligemma.fast.train) so that `--help` needs no jax import.
 _CHOICES = {"--optimizer": ("adamw", "sgd"), "--trainable": ("all", "no-vision", "attention", "lora"),
-            "--dtype": ("float32", "bfloat16"), "--frozen-dtype": ("float32", "bfloat16")}
+            "--dtype": ("float32", "bfloat16"), "--frozen-dtype": ("float32", "bfloat16"),
+            "--eval-task": ("exact_match", "caption", "vqa", "vqav2", "chartqa", "detect", "segment")}
 
 
 def add_parser(commands, usage_error):

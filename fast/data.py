@@ -4,7 +4,12 @@
 
 One JSON object per line, as big_vision's `bv:jsonl` reads it for `forkme.py`: `image` is a
 path relative to the JSONL file's folder (or to `image_root`), `prefix` the prompt, `suffix` the
-target. Each example is tokenised by `paligemma.ref.Tokenizer.train_example`, big_vision's
+target. Instead of `image` a line may give `"images": ["a.jpg", "b.jpg"]` (one multi-image
+prompt) or `"video": "clip.mp4"` (`video_frames` frames at `video_stride`: from a seeded random
+offset in training, from frame 0 in evaluation; `paligemma.ref.video`). The model then reads
+[B, F, R, R, 3]; every example of a file must have the same frame count (a clear error names the
+lines otherwise). Other keys are kept in `Examples.records` (evaluation targets such as
+"answers"). Each example is tokenised by `paligemma.ref.Tokenizer.train_example`, big_vision's
 `combine_and_keep_train(text_len)`: the loss covers the suffix and its EOS only.
 
 Every line is checked before training starts (`read_jsonl`): invalid JSON, not an object, a
@@ -32,9 +37,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from paligemma.ref.image import ImageError, load_image, preprocess
+from paligemma.ref.media import check_item, describe_count, frame_count, item_from_record, load_item
 
-KEYS = ("image", "prefix", "suffix")
+KEYS = ("image", "prefix", "suffix")  # or "images" / "video" in place of "image" (MEDIA_KEYS)
+TEXT_KEYS = ("prefix", "suffix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +69,12 @@ class DataError(ValueError):
 class Examples:
     """The usable examples of one file, tokenised.
 
-    images: N absolute image paths; prefixes, suffixes: N strings; sources: N "file:line".
+    images: N items: an absolute image path, a tuple of them (multi-image) or a
+      `paligemma.ref.media.Video`; prefixes, suffixes: N strings; sources: N "file:line".
     text, mask_ar, mask_loss: [N, T] int32 (`TrainExample` columns, T = text_len + 1).
     bad: the skipped lines (empty unless `skip_bad`).
+    records: N dicts, each line's JSON object (evaluation reads its targets from them).
+    frames: the frame count F of every example (None: one image each, [B, R, R, 3]).
     """
 
     images: tuple
@@ -76,6 +85,8 @@ class Examples:
     mask_ar: np.ndarray
     mask_loss: np.ndarray
     bad: tuple = ()
+    records: tuple = ()
+    frames: int | None = None
 
     def __len__(self):
         return len(self.images)
@@ -84,7 +95,7 @@ class Examples:
 class Batch(NamedTuple):
     """A step's examples, split into A micro-batches of B.
 
-    images [A, B, R, R, 3] float32 in [-1, 1]; text, mask_ar, mask_loss [A, B, T] int32;
+    images [A, B, R, R, 3] (or [A, B, F, R, R, 3]) float32 in [-1, 1]; text, mask_ar, mask_loss [A, B, T] int32;
     weight [A, B] float32 (1 for an example, 0 for padding that fills the last eval batch).
     """
 
@@ -103,27 +114,19 @@ def _parse(line, root, tokenizer, text_len):
         return None, f"invalid JSON ({e.msg} at column {e.colno})"
     if not isinstance(record, dict):
         return None, f"expected a JSON object with keys {list(KEYS)}, got a {type(record).__name__}"
-    for key in KEYS:
+    for key in TEXT_KEYS:
         if key not in record:
             return None, f"missing key {key!r} (expected {list(KEYS)})"
         if not isinstance(record[key], str):
             return None, f"key {key!r}: expected a string, got {type(record[key]).__name__}"
+    item, reason = item_from_record(record, root)
+    if reason:
+        return None, reason
     n = 1 + len(tokenizer.encode(record["prefix"])) + 1 + len(tokenizer.encode(record["suffix"])) + 1
     if n > text_len + 1:
         return None, (f"text is {n} tokens ([BOS] prefix, \"\\n\", suffix, EOS), more than "
                       f"text_len + 1 = {text_len + 1}")
-    return dict(record, image=os.path.join(root, record["image"])), None
-
-
-def _image_problem(path):
-    """None if `path` decodes as an image, else the reason."""
-    if not os.path.isfile(path):
-        return f"image {path}: no such file"
-    try:
-        load_image(path)
-    except ImageError as e:
-        return f"image {e}"
-    return None
+    return dict(record, item=item), None
 
 
 def read_jsonl(path, tokenizer, text_len, image_root=None, check_images=True, workers=4):
@@ -135,8 +138,8 @@ def read_jsonl(path, tokenizer, text_len, image_root=None, check_images=True, wo
       check_images: decode every image now (so a bad one stops the run before training).
       workers: threads decoding images.
     Returns:
-      (records, bad): usable records `{"image": absolute path, "prefix", "suffix", "source"}` in
-      file order, and the `BadLine`s.
+      (records, bad): usable records (the line's JSON object plus "item": its image path, tuple of
+      paths or `Video`, "source": "file:line" and "line") in file order, and the `BadLine`s.
     Raises:
       ValueError if the file cannot be read or has no lines.
     """
@@ -160,31 +163,48 @@ def read_jsonl(path, tokenizer, text_len, image_root=None, check_images=True, wo
             records.append(dict(record, source=f"{path}:{number}", line=number))
     if check_images and records:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            problems = list(pool.map(_image_problem, [r["image"] for r in records]))
+            problems = list(pool.map(check_item, [r["item"] for r in records]))
         bad += [BadLine(path, r["line"], p) for r, p in zip(records, problems) if p]
         records = [r for r, p in zip(records, problems) if not p]
     return records, sorted(bad, key=lambda b: b.line)
 
 
-def load_examples(path, tokenizer, text_len, image_root=None, skip_bad=False, check_images=True):
+def check_frames(path, records, video_frames):
+    """The one frame count of all records (see `Examples.frames`); ValueError naming a line of
+    each count when they differ."""
+    counts = {}
+    for r in records:
+        counts.setdefault(frame_count(r["item"], video_frames), r["source"])
+    if len(counts) > 1:
+        seen = "; ".join(f"{describe_count(n)} at {source}" for n, source in counts.items())
+        raise ValueError(f"{path}: every example must have the same number of frames (a batch is [B, F, R, R, 3]), "
+                         f"found {seen}")
+    return next(iter(counts))
+
+
+def load_examples(path, tokenizer, text_len, image_root=None, skip_bad=False, check_images=True, video_frames=16):
     """`read_jsonl`, then tokenised; bad lines stop it unless `skip_bad`.
 
+    Args:
+      video_frames: the frames F each `"video"` line gives (only to check the frame counts).
     Returns:
       `Examples` (its `bad` lists the skipped lines).
     Raises:
       DataError naming `file:line` of the bad lines (unless `skip_bad`); ValueError if no
-      usable example is left.
+      usable example is left or the examples' frame counts differ.
     """
     records, bad = read_jsonl(path, tokenizer, text_len, image_root, check_images)
     if bad and not skip_bad:
         raise DataError(path, bad)
     if not records:
         raise ValueError(f"{path}: no usable examples ({len(bad)} bad lines)")
+    frames = check_frames(path, records, video_frames)
     rows = [tokenizer.train_example(r["prefix"], r["suffix"], text_len) for r in records]
     column = lambda i: np.stack([row[i] for row in rows]).astype(np.int32)  # noqa: E731
-    return Examples(tuple(r["image"] for r in records), tuple(r["prefix"] for r in records),
+    plain = lambda r: {k: v for k, v in r.items() if k not in ("item", "source", "line")}  # noqa: E731
+    return Examples(tuple(r["item"] for r in records), tuple(r["prefix"] for r in records),
                     tuple(r["suffix"] for r in records), tuple(r["source"] for r in records),
-                    column(0), column(1), column(2), tuple(bad))
+                    column(0), column(1), column(2), tuple(bad), tuple(plain(r) for r in records), frames)
 
 
 def batch_indices(n, seed, position, count):
@@ -201,16 +221,23 @@ def batch_indices(n, seed, position, count):
     return out
 
 
-def make_batch(examples, indices, image_size, micro_batches=1, weight=None, pool=None):
+def make_batch(examples, indices, image_size, micro_batches=1, weight=None, pool=None, video_frames=16,
+               video_stride=1, seeds=None):
     """The examples at `indices` (images decoded and resized), as a `Batch` of A = micro_batches.
 
     Args:
       examples: `Examples`; indices: [A * B] ints; image_size: the model's R.
       weight: [A * B] (default ones); pool: an executor to decode images in parallel.
+      video_frames, video_stride: how "video" lines are sampled.
+      seeds: None (videos from frame 0: evaluation) or [A * B] seeds of each video's random
+        start (training; see `paligemma.ref.video.random_offset`).
     """
-    paths = [examples.images[i] for i in indices]
-    load = lambda p: preprocess(p, image_size)  # noqa: E731
-    images = np.stack(list(pool.map(load, paths)) if pool else [load(p) for p in paths])  # [A*B, R, R, 3]
+    items = [examples.images[i] for i in indices]
+    seeds = [None] * len(items) if seeds is None else list(seeds)
+    load = lambda a: load_item(a[0], image_size, video_frames=video_frames, video_stride=video_stride,  # noqa: E731
+                               seed=a[1])
+    pairs = list(zip(items, seeds))
+    images = np.stack(list(pool.map(load, pairs)) if pool else [load(p) for p in pairs])  # [A*B, (F,) R, R, 3]
     weight = np.ones(len(indices), np.float32) if weight is None else np.asarray(weight, np.float32)
     split = lambda a: a.reshape((micro_batches, -1) + a.shape[1:])  # noqa: E731
     return Batch(split(images), split(examples.text[indices]), split(examples.mask_ar[indices]),
@@ -235,10 +262,12 @@ class Prefetcher:
     Use as an iterator of `(step, Batch)`, and `close()` (or a `with` block) when done.
     """
 
-    def __init__(self, examples, image_size, batch_size, micro_batches, seed, start, stop, depth=2, workers=4):
+    def __init__(self, examples, image_size, batch_size, micro_batches, seed, start, stop, depth=2, workers=4,
+                 video_frames=16, video_stride=1):
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+        self._video = (video_frames, video_stride)
         args = (examples, image_size, batch_size, micro_batches, seed, start, stop)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
@@ -256,7 +285,11 @@ class Prefetcher:
         try:
             for step in range(start, stop):
                 idx = batch_indices(len(examples), seed, step * batch_size, batch_size)
-                if not self._put((step, make_batch(examples, idx, image_size, micro_batches, pool=self._pool))):
+                # A video's start frame is a function of (seed, stream position): resumable too.
+                seeds = [np.random.default_rng([seed, p, 1]) for p in range(step * batch_size, (step + 1) * batch_size)]
+                batch = make_batch(examples, idx, image_size, micro_batches, pool=self._pool,
+                                   video_frames=self._video[0], video_stride=self._video[1], seeds=seeds)
+                if not self._put((step, batch)):
                     return
         except BaseException as e:  # handed to the consumer
             self._put(e)

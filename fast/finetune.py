@@ -8,7 +8,8 @@
 
 What lands in OUT: `run.json` (the arguments, for `resume`), `metrics.jsonl` (one JSON object per
 logged step, `{"step", "loss", "grad_norm", "lr", "examples_per_s", "data_position"}`, and per
-evaluation `{"step", "val_loss", "exact_match", "val_examples"}`), `checkpoints/` (see
+evaluation `{"step", "val_loss", "exact_match", "val_examples"}`, or the `eval_task`'s metrics with
+"count" and "invalid" in place of "exact_match"), `checkpoints/` (see
 `paligemma.fast.train_state`), and at the end `model.npz` and `model_hf/`: the trained weights
 (LoRA merged) in float32, written by `paligemma.ref.save`.
 """
@@ -27,8 +28,9 @@ from tqdm import tqdm
 from paligemma import ref
 from paligemma.ref.params import flatten, tree_map
 
-from . import data, sharding, train_state
+from . import data, sharding, train_state, vqvae
 from .decode import generate
+from .evaluate import score_answers, task_truths
 from .pipeline import fit_vocab
 from .train import TrainConfig, make_eval_step, make_optimizer, make_train_step, merged_params, schedule, split_params
 
@@ -81,11 +83,15 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
-def evaluate(model_config, config, tokenizer, examples, trainable, frozen, eval_step, mesh, pool=None):
-    """Validation loss (mean over examples) and greedy exact match (decoded text == suffix).
+def evaluate(model_config, config, tokenizer, examples, trainable, frozen, eval_step, mesh, pool=None, root=None):
+    """Validation loss (mean over examples) and the metric of the greedy answers: exact match
+    (decoded text == suffix) by default, or `config.eval_task`'s (`paligemma.fast.evaluate`, the
+    functions `paligemma evaluate` scores with; ground truths from the validation lines, "mask"
+    paths relative to `root`).
 
     Returns:
-      {"val_loss", "exact_match", "val_examples"}.
+      {"val_loss", "exact_match", "val_examples"}, or for a task {"val_loss", its metrics,
+      "count", "invalid", "val_examples"}.
     """
     B = config.batch_size
     R = model_config.vision.image_size
@@ -94,17 +100,39 @@ def evaluate(model_config, config, tokenizer, examples, trainable, frozen, eval_
     policy = dataclasses.replace(config.policy, remat="none")
     prompt_len = max(len(tokenizer.prompt(p).tokens) for p in examples.prefixes)
     decode_len = int(examples.mask_loss.sum(axis=1).max())  # the longest target with its EOS
-    losses, hits = [], 0
+    truths = None if config.eval_task == "exact_match" else task_truths(examples, config.eval_task, root)
+    losses, answers = [], []
     for indices, weight in data.eval_batches(examples, B):
-        batch = data.make_batch(examples, indices, R, 1, weight, pool)
+        batch = data.make_batch(examples, indices, R, 1, weight, pool, config.video_frames, config.video_stride)
         per_example = np.asarray(eval_step(trainable, frozen, sharding.put_tree(batch, batch_sh)))[0]
         real = weight > 0
         losses += list(per_example[real])
         prompts = tokenizer.batch_prompts([examples.prefixes[i] for i in indices], text_len=prompt_len)
         out = generate(params, model_config, batch.images[0], *prompts, max_new_tokens=decode_len, policy=policy)
         texts = tokenizer.decode_generations(out.tokens)
-        hits += sum(t == examples.suffixes[i] for t, i, r in zip(texts, indices, real) if r)
-    return {"val_loss": float(np.mean(losses)), "exact_match": hits / len(examples), "val_examples": len(examples)}
+        answers += [t for t, r in zip(texts, real) if r]
+    if truths is None:
+        metric = {"exact_match": sum(a == s for a, s in zip(answers, examples.suffixes)) / len(examples)}
+    else:
+        metric = score_answers(config.eval_task, answers, examples, truths, _vae_decoder(config.eval_vae))
+    return {"val_loss": float(np.mean(losses)), **metric, "val_examples": len(examples)}
+
+
+def _vae_decoder(path):
+    """codes [n, 16] -> [n, 64, 64] with the VQ-VAE at `path` (None without one)."""
+    if path is None:
+        return None
+    params = vqvae.load_vae(path)
+    return lambda codes: vqvae.decode(params, codes)
+
+
+def metric_text(record):
+    """The evaluation's metric for a progress line: "exact match 50.0%" or "cider 0.8123 (1 invalid)"."""
+    if "exact_match" in record and "invalid" not in record:
+        return f"exact match {record['exact_match']:.1%}"
+    skip = ("step", "val_loss", "val_examples", "count", "invalid")
+    values = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in skip)
+    return f"{values} ({record['invalid']} invalid)"
 
 
 _COMPILED = {}  # the jitted step functions of runs in this process (a resumed run compiles nothing new)
@@ -158,8 +186,15 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
         raise ValueError(f"{out}: already holds a run's checkpoints; resume it (--resume {out}) or pick another --out")
     tok = tokenizer if isinstance(tokenizer, ref.Tokenizer) else ref.Tokenizer(tokenizer)
     model_config, params = fit_vocab(*ref.load(checkpoint), tok)
-    examples = data.load_examples(train, tok, config.text_len, image_root, skip_bad)
-    val_examples = data.load_examples(val, tok, config.text_len, image_root, skip_bad) if val else None
+    examples = data.load_examples(train, tok, config.text_len, image_root, skip_bad, video_frames=config.video_frames)
+    val_examples = data.load_examples(val, tok, config.text_len, image_root, skip_bad,
+                                      video_frames=config.video_frames) if val else None
+    val_root = image_root or (val and os.path.dirname(os.path.abspath(val)))
+    if val_examples and val_examples.frames != examples.frames:
+        raise ValueError(f"{val}: its examples have {val_examples.frames} frames/images each but the training data's "
+                         f"have {examples.frames} (None: one image); the model reads one layout")
+    if val_examples and config.eval_task != "exact_match":
+        task_truths(val_examples, config.eval_task, val_root)  # fail before training, not at the first evaluation
     skipped = {"train": len(examples.bad), "val": len(val_examples.bad) if val_examples else 0}
     for bad in examples.bad + (val_examples.bad if val_examples else ()):
         print(f"paligemma finetune: skipped {bad}", file=stream)
@@ -194,10 +229,11 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
     A, R = config.accum_steps, model_config.vision.image_size
 
     def run_eval(step):
-        record = dict(step=step, **evaluate(model_config, config, tok, val_examples, trainable, frozen, eval_fn, mesh))
+        record = dict(step=step, **evaluate(model_config, config, tok, val_examples, trainable, frozen, eval_fn, mesh,
+                                            root=val_root))
         log.write(record)
         evals.append(record)
-        bar.write(f"step {step}: val_loss {record['val_loss']:.4f}, exact match {record['exact_match']:.1%}")
+        bar.write(f"step {step}: val_loss {record['val_loss']:.4f}, {metric_text(record)}")
 
     def save(step):
         files["checkpoint"] = train_state.save(ckpt_dir, step, trainable, opt_state, step * config.batch_size,
@@ -206,7 +242,8 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
     t0 = time.perf_counter()
     compile_s, last, prev, timed = 0.0, t0, start, []
     bar = tqdm(total=config.steps, initial=start, disable=not progress, file=stream, unit="step", dynamic_ncols=True)
-    prefetch = data.Prefetcher(examples, R, config.batch_size, A, config.seed, start, config.steps)
+    prefetch = data.Prefetcher(examples, R, config.batch_size, A, config.seed, start, config.steps,
+                               video_frames=config.video_frames, video_stride=config.video_stride)
     try:
         with prefetch:
             for step, batch in prefetch:
@@ -276,8 +313,8 @@ def format_summary(s: Summary):
         lines.append(f"  training loss {s.losses[0][1]:.4f} (step {s.losses[0][0]}) -> {s.losses[-1][1]:.4f} "
                      f"(step {s.losses[-1][0]}); mean of the last {len(tail)} logged: {np.mean(tail):.4f}")
     for e in s.evals[-1:]:
-        lines.append(f"  validation at step {e['step']}: loss {e['val_loss']:.4f}, exact match "
-                     f"{e['exact_match']:.1%} of {e['val_examples']}")
+        lines.append(f"  validation at step {e['step']}: loss {e['val_loss']:.4f}, {metric_text(e)} "
+                     f"of {e['val_examples']}")
     if any(s.skipped.values()):
         lines.append(f"  skipped bad lines: train {s.skipped['train']}, val {s.skipped['val']}")
     lines += [f"  {name}: {path}" for name, path in s.files.items()]

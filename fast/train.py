@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.params import flatten, unflatten
+from paligemma.ref.scoring import TASKS
 
 from . import gemma, lora, xent
 from .model import NO_WEIGHT_HOISTING, converts_weights, embed_image_and_text, prefix_lm_masks
@@ -37,6 +38,7 @@ from .policy import Policy
 
 GROUPS = {"all": r".*", "no-vision": r"llm/.*", "attention": r"llm/layers/attn/.*", "lora": None}
 OPTIMIZERS = ("adamw", "sgd")
+EVAL_TASKS = ("exact_match",) + TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,12 @@ class TrainConfig:
       "bfloat16". mesh: e.g. "data=2,fsdp=4". seed: data order and adapter initialisation.
     checkpoint_every, eval_every, log_every: steps (0: only at the end / never / every step).
     keep_checkpoints: how many recent training checkpoints stay on disk.
+    video_frames, video_stride: how "video" lines of the data are sampled (training from a seeded
+      random offset, evaluation from frame 0; `paligemma.fast.data`).
+    eval_task: the metric of the periodic evaluation besides the loss: "exact_match" (decoded text
+      == suffix) or a `paligemma.ref.scoring` task (caption, vqa, vqav2, chartqa, detect, segment),
+      whose ground truth comes from the validation lines. eval_vae: the mask VQ-VAE (.npz) that
+      eval_task "segment" needs.
     """
 
     steps: int = 100
@@ -82,9 +90,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     log_every: int = 1
+    video_frames: int = 16
+    video_stride: int = 9
+    eval_task: str = "exact_match"
+    eval_vae: str | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "text_len", "lora_rank", "accum_steps", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "text_len", "lora_rank", "accum_steps", "keep_checkpoints", "log_every",
+                     "video_frames", "video_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be an integer >= 1, got {value!r}")
@@ -98,7 +111,9 @@ class TrainConfig:
                   ("lr", self.lr > 0, "> 0"), ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("clip_norm", self.clip_norm is None or self.clip_norm > 0, "> 0 or None"),
-                  ("batch_size", self.batch_size % self.accum_steps == 0, f"a multiple of accum_steps {self.accum_steps}")]
+                  ("batch_size", self.batch_size % self.accum_steps == 0, f"a multiple of accum_steps {self.accum_steps}"),
+                  ("eval_task", self.eval_task in EVAL_TASKS, f"one of {list(EVAL_TASKS)}"),
+                  ("eval_vae", self.eval_task != "segment" or self.eval_vae, "a VQ-VAE path for eval_task segment")]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {name} must be {expected}, got {getattr(self, name)!r}")
@@ -198,7 +213,7 @@ def model_pre_logits(trainable, frozen, images, text, mask_ar, model_config: Pal
                                rope, local_mask)
     else:
         pre, _ = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask)
-    return pre[:, model_config.vision.num_patches:], params  # [B, T, D]
+    return pre[:, x.shape[1] - tokens.shape[1]:], params  # [B, T, D] (after P or F x P image tokens)
 
 
 def model_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGemmaConfig, config: TrainConfig):

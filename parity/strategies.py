@@ -3,7 +3,8 @@
 Porters can drive their own implementation with the same spaces this project tests itself
 on: `configs()` draws small but structurally complete models (MQA/GQA/MHA, head dims,
 softcaps, post-norms, query scalings, sliding windows, image and patch sizes), `prompts()`
-draws a batch of left-aligned prompts with padding and a forced suffix.
+draws a batch of left-aligned prompts with padding and a forced suffix, `video_prompts()` the
+same with F frames (or images) per example.
 
 Head dims are mostly tiny, but 72 (SigLIP So400m's head dim, not a power of two, the case
 attention kernels tile awkwardly) is drawn one time in four for the vision tower and one in
@@ -80,3 +81,14 @@ def prompts(draw, config: PaliGemmaConfig, max_batch=3, max_len=8):
         input_mask[b, :length] = True
     tokens = np.where(input_mask, tokens, config.pad_id)
     return images, tokens, mask_ar, input_mask
+
+
+@st.composite
+def video_prompts(draw, config: PaliGemmaConfig, max_frames=3, max_batch=3, max_len=8):
+    """`prompts` with F frames per example: images [B, F, R, R, 3] (a video or a multi-image
+    prompt, F x P image tokens), F drawn from 1..max_frames."""
+    images, tokens, mask_ar, input_mask = draw(prompts(config, max_batch=max_batch, max_len=max_len))
+    F = draw(st.integers(1, max_frames))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    frames = rng.uniform(-1.0, 1.0, (images.shape[0], F) + images.shape[1:])  # [B, F, R, R, 3]
+    return frames, tokens, mask_ar, input_mask

@@ -45,7 +45,7 @@ def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     """Runs the prompt, fills the cache, and returns the logits for each example's next token.
 
     Args:
-      images [B, R, R, 3], tokens [B, T], mask_ar [B, T], input_mask [B, T]: as in `forward`.
+      images [B, R, R, 3] or [B, F, R, R, 3], tokens [B, T], mask_ar [B, T], input_mask [B, T]: as in `forward`.
       max_new_tokens: slots reserved for generated tokens.
       cache_dtype: dtype K/V are stored in (default: the compute dtype; big_vision uses bf16).
     Returns:
@@ -223,7 +223,7 @@ def generate(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mas
     """Continues each prompt until EOS or `max_new_tokens`.
 
     Args:
-      params, config, images [B, R, R, 3], tokens [B, T], mask_ar [B, T], input_mask [B, T]:
+      params, config, images [B, (F,) R, R, 3], tokens [B, T], mask_ar [B, T], input_mask [B, T]:
         the prompt as for `forward`, left-aligned (`[BOS] prefix "\\n"`, optional forced suffix
         with `mask_ar = 1`, then padding with `input_mask = False`). Prompt lengths may differ.
       max_new_tokens: at most this many tokens per example (EOS included).

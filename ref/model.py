@@ -1,6 +1,7 @@
 """PaliGemma forward pass: image and text embedded, joined, run through Gemma, text logits out.
 
-Axes: B batch, P image tokens, T text tokens, D width, V vocabulary.
+Axes: B batch, F frames (video or multi-image), P image tokens, T text tokens, D width,
+V vocabulary. Images [B, F, R, R, 3] give F x P image tokens, frame after frame.
 
     images [B, R, R, 3] --siglip--> [B, P, D] --+
                                                  +--> x [B, P+T, D] --gemma--> logits [B, T, V]
@@ -29,8 +30,10 @@ def validate_inputs(config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     """
     R = config.vision.image_size
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (R, R, 3):
-        _fail("images", f"shape [B, {R}, {R}, 3] for {config.name}", f"shape {list(images.shape)}")
+    if images.ndim not in (4, 5) or images.shape[-3:] != (R, R, 3) or 0 in images.shape[:-3]:
+        one, several = f"[B, {R}, {R}, 3]", f"[B, F, {R}, {R}, 3] (F >= 1 frames or images per example)"
+        expected = {4: one, 5: several}.get(images.ndim, f"{one} (one image per example) or {several}")
+        _fail("images", f"shape {expected} for {config.name}", f"shape {list(images.shape)}")
     if not np.issubdtype(images.dtype, np.floating):
         _fail("images", "floats in [-1, 1]", f"dtype {images.dtype}")
     lo, hi = float(np.min(images)), float(np.max(images))
@@ -71,18 +74,41 @@ def legacy_image_scaling(zimg, param_dtype):
     return (divided * np.asarray(math.sqrt(width), param_dtype)).astype(zimg.dtype)  # [B, P, D]
 
 
+def num_image_tokens(config: PaliGemmaConfig, image_shape):
+    """Image tokens in the prefix: P for [B, R, R, 3] images, F x P for [B, F, R, R, 3] frames."""
+    frames = image_shape[1] if len(image_shape) == 5 else 1
+    return frames * config.vision.num_patches
+
+
+def embed_images(params, config: PaliGemmaConfig, images):
+    """Image tokens for one image [B, R, R, 3] or several [B, F, R, R, 3] per example.
+
+    Frames are folded into the batch for the vision tower and their tokens concatenated in frame
+    order, as big_vision's `embed_image`: frame 0's P tokens, then frame 1's, ...
+
+    Returns:
+      [B, P, D] or [B, F*P, D].
+    """
+    if images.ndim == 4:
+        return siglip.embed_image(params, config.vision, images)  # [B, P, D]
+    B, F = images.shape[:2]
+    zimg = siglip.embed_image(params, config.vision, images.reshape((B * F,) + images.shape[2:]))  # [B*F, P, D]
+    return zimg.reshape(B, F * zimg.shape[1], zimg.shape[2])  # [B, F*P, D]
+
+
 def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask):
     """Joins image and text embeddings and extends the masks over the image tokens.
 
     Image tokens get `mask_ar = 0` (they belong to the bidirectional prefix) and
     `input_mask = True`. Image embeddings are NOT multiplied by sqrt(D); text embeddings are.
+    Images [B, F, R, R, 3] give F x P image tokens (see `embed_images`); P below is that count.
 
     Returns:
       x [B, P+T, D], input_mask [B, P+T] bool, mask_ar [B, P+T] int.
     """
     table = params["llm"]["embedder"]["input_embedding"]
     dtype = compute_dtype(table)
-    zimg = siglip.embed_image(params["img"], config.vision, images.astype(dtype))  # [B, P, D]
+    zimg = embed_images(params["img"], config, images.astype(dtype))  # [B, P, D]
     if config.legacy_image_scaling:
         zimg = legacy_image_scaling(zimg, table.dtype)
     ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, dtype)  # [B, T, D]
@@ -118,7 +144,8 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     Args:
       params: `{"img": ..., "llm": ...}` in big_vision's layout.
       config: a `PaliGemmaConfig`.
-      images: [B, R, R, 3] float in [-1, 1].
+      images: [B, R, R, 3] float in [-1, 1], or [B, F, R, R, 3]: F frames (a video) or F images
+        per example, all F x P image tokens in the bidirectional prefix.
       tokens: [B, T] int ids.
       mask_ar: [B, T] int, 0 for prefix tokens, 1 for suffix (causal) tokens and padding.
       input_mask: [B, T] bool, True for real tokens (default: all True).
@@ -129,5 +156,5 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     x, full_input_mask, full_mask_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask)
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_input_mask, full_mask_ar)
     pre_logits = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, local_mask)
-    text = pre_logits[:, config.vision.num_patches :]  # [B, T, D]
+    text = pre_logits[:, num_image_tokens(config, images.shape) :]  # [B, T, D]
     return record("logits", gemma.logits(params["llm"], text, config.llm))  # [B, T, V]
