@@ -5,6 +5,8 @@
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
     paligemma generate ... --impl ref --dtype float64 --top-k 40 --temperature 0.8 --show-tokens
     paligemma generate ... --dtype bfloat16 --mesh data=2,model=4                 # split over 8 devices
+    paligemma generate ... --video clip.mp4 --frames 16 --stride 9 --prompt "caption en"   # cli/media.py
+    paligemma generate ... --images a.jpg,b.jpg --prompt "caption en"             # two images, ONE prompt
 
 Progress ("loading tokenizer", "loading checkpoint", "preparing parameters", "compiling",
 "generating") goes to stderr: on a terminal as a live line completed with its time, otherwise
@@ -24,6 +26,8 @@ import traceback
 from .tasks import add_arguments as add_task_arguments
 from .tasks import check_arguments as check_task_arguments
 from .tasks import task_outputs
+from .media import add_arguments as add_media_arguments
+from .media import check_arguments as check_media_arguments
 
 # paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
 IMPLS = ("fast", "ref")
@@ -98,7 +102,7 @@ def build_parser():
                                         "every one of the other.")
     g.add_argument("--checkpoint", required=True, metavar="PATH", help="big_vision .npz, .safetensors or HF dir")
     g.add_argument("--tokenizer", required=True, metavar="PATH", help="SentencePiece .model file")
-    g.add_argument("--image", required=True, action="append", metavar="FILE", help="repeat for several")
+    g.add_argument("--image", action="append", metavar="FILE", help="repeat for several (or --images, --video)")
     g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help='e.g. "caption en"; repeatable')
     g.add_argument("--impl", choices=IMPLS, default="fast", help="JAX (compiled) or the NumPy reference")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="float64: --impl ref only")
@@ -113,20 +117,28 @@ def build_parser():
     s.add_argument("--top-k", type=int, metavar="K")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
     s.add_argument("--beam", type=int, metavar="N", help="beam search with N beams")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="quantize the weights on load (a quick try; "
+                   "`paligemma quantize` saves a file); docs/quantization.md")
+    g.add_argument("--keep", default="", metavar="SPEC", help="with --quantize: vision,embedding,ends[=K] stay float")
     g.add_argument("--no-final-softcap", action="store_true", help="load with final_logits_softcap=None")
     g.add_argument("--show-tokens", action="store_true", help="also print generated ids and log-probabilities")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_task_arguments(g)
+    add_media_arguments(g)
     g.set_defaults(run=run_generate)
     from .finetune import add_parser as add_finetune
 
     add_finetune(commands, UsageError)
     from .parity import add_parser as add_parity
     add_parity(commands, UsageError)
+    from .demo import add_parser as add_demo
+    add_demo(commands, UsageError)
     from .quantize import add_parser as add_quantize
     add_quantize(commands, UsageError)
+    from .evaluate import add_parser as add_evaluate
+    add_evaluate(commands, UsageError)
     return parser
 
 
@@ -180,6 +192,7 @@ def _check_file(path, flag, directory_ok=False):
 
 def _check_inputs(args):
     """Checks counts and files before anything slow runs."""
+    check_media_arguments(args, UsageError, _check_file)
     n_images, n_prompts = len(args.image), len(args.prompt)
     if n_images > 1 and n_prompts > 1 and n_images != n_prompts:
         raise UsageError(f"{n_images} --image and {n_prompts} --prompt: give equal numbers, or one of either")
@@ -196,7 +209,7 @@ def _check_inputs(args):
     check_task_arguments(args, UsageError, _check_file)
     from paligemma.ref import load_image
 
-    for path in args.image:
+    for path in [] if args.media else args.image:
         _check_file(path, "--image")
         load_image(path)  # decode now (ImageError) rather than after a long checkpoint load
 
@@ -243,8 +256,12 @@ def run_generate(args):
     overrides = {"final_logits_softcap": None} if args.no_final_softcap else {}
     status = StatusLines(sys.stderr, enabled=not args.quiet)
     model = PaliGemma.load(args.checkpoint, args.tokenizer, impl=args.impl, dtype=args.dtype,
-                           preprocess=args.preprocess, progress=status, mesh=args.mesh, **overrides)
+                           preprocess=args.preprocess, progress=status, mesh=args.mesh,
+                           quantize=args.quantize, keep=args.keep, **overrides)
     images = args.image if len(args.image) > 1 else args.image[0]
+    if args.media:  # --images / --video (cli/media.py)
+        from .media import inputs
+        images = inputs(args, model, sys.stderr)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     results = model.generate(images, prompts, max_new_tokens=args.max_new_tokens, sampler=spec, seed=args.seed)
     results = results if isinstance(results, list) else [results]

@@ -17,6 +17,7 @@ import numpy as np
 from paligemma import kernels
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import Generation, Sampler, validate_generate_args
+from paligemma.ref.model import num_image_tokens
 
 from . import gemma, sharding
 from .mask import sliding_window
@@ -72,7 +73,7 @@ def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
 def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens, policy, rope):
     """Feeds one token per example ([B]); returns (cache, logits [B, V] for the next token)."""
     g, mesh = config.llm, policy.mesh
-    x = gemma.embed_tokens(params["llm"]["embedder"], tokens[:, None], policy.dtype)  # [B, 1, D]
+    x = gemma.embed_tokens(params["llm"]["embedder"], tokens[:, None], policy.dtype, g.width)  # [B, 1, D]
     x = sharding.constrain(x, mesh, sharding.batch_spec(3))  # [B, 1, D]
     slot = cache.next_slot
     positions = cache.lengths[:, None]  # [B, 1]
@@ -124,8 +125,8 @@ def sample(logits, sampler: Sampler, key):
 
 
 def _generate(params, images, tokens, mask_ar, input_mask, key, config, policy, max_new_tokens, sampler):
-    rope = gemma.rope_table(config.vision.num_patches + tokens.shape[1] + max_new_tokens, config.llm.head_dim,
-                            config.llm.rope_base)
+    rope = gemma.rope_table(num_image_tokens(config, images.shape) + tokens.shape[1] + max_new_tokens,
+                            config.llm.head_dim, config.llm.rope_base)
     cache, logits = prefill(params, config, images, tokens, mask_ar, input_mask, max_new_tokens, policy, rope)
     if sampler.kind == "beam":
         return _beam_search(params, config, cache, logits, sampler.beam_size, max_new_tokens, policy, rope)

@@ -24,7 +24,7 @@ from paligemma.ref import capture
 from paligemma.ref.capture import record
 from paligemma.ref.config import GemmaConfig
 
-from . import sharding
+from . import quant, sharding
 from .attention import attend
 from .policy import Policy
 
@@ -64,10 +64,20 @@ def _per_group(x, w):
     return jnp.einsum("GBTD,GDO->GBTO", jnp.broadcast_to(x, (G, B, T, D)), w)  # [G, B, T, O]
 
 
-def embed_tokens(params, tokens, dtype):
+def _group_dot(x, w, tiles):
+    """`_per_group` for a float or a quantized (`fast.quant`) weight [G, D, O]: [G, B, T, O]."""
+    return quant.per_group(x, w, tiles) if quant.is_quantized(w) else _per_group(x, _cast(w, x))
+
+
+def embed_tokens(params, tokens, dtype, width=None):
     """Token embeddings times sqrt(D), the scalar cast to the table's dtype first and the product
-    rounded to the table's dtype (bf16 x bf16 is exact in float32): [B, T] -> [B, T, D]."""
+    rounded to the table's dtype (bf16 x bf16 is exact in float32): [B, T] -> [B, T, D].
+    A quantized table (`fast.quant`) is float32 after dequantization; `width` = D is needed for int4,
+    whose rows are padded to whole groups."""
     table = params["input_embedding"]  # [V, D]
+    if quant.is_quantized(table):
+        rows = quant.embed_rows(table, tokens, width)  # [B, T, D] float32
+        return (rows * jnp.float32(np.sqrt(rows.shape[-1]))).astype(dtype)
     scale = jnp.asarray(np.sqrt(table.shape[-1]), dtype=table.dtype).astype(jnp.float32)
     rows = jnp.take(table, tokens, axis=0).astype(jnp.float32)  # [B, T, D]
     return round_to(rows * scale, table.dtype).astype(dtype)  # [B, T, D]
@@ -123,11 +133,12 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
       ([B, T, D], updated (k_cache, v_cache) or None).
     """
     B, T, D = x.shape
-    w_kv = _cast(params["kv_einsum"]["w"], x)  # [2, K, D, H]
-    _, K, _, H = w_kv.shape
+    K, H, tiles = config.num_kv_heads, config.head_dim, quant.tiled(policy)
+    w_kv = params["kv_einsum"]["w"]  # [2, K, D, H]
+    w_kv = quant.merge_leading(w_kv, 2) if quant.is_quantized(w_kv) else _cast(w_kv, x).reshape(2 * K, D, H)
     # einsum("BTD,NDH->BTNH") and einsum("BSD,KDH->BSKH") for k and v, as `_per_group`s.
-    q = jnp.moveaxis(_per_group(x, _cast(params["q_einsum"]["w"], x)), 0, 2)  # [B, T, N, H]
-    kv = _per_group(x, w_kv.reshape(2 * K, D, H))  # [2K, B, T, H]
+    q = jnp.moveaxis(_group_dot(x, params["q_einsum"]["w"], tiles), 0, 2)  # [B, T, N, H]
+    kv = _group_dot(x, w_kv, tiles)  # [2K, B, T, H]
     k, v = jnp.moveaxis(kv[:K], 0, 2), jnp.moveaxis(kv[K:], 0, 2)  # [B, T, K, H] each
     q = apply_rope(q, positions, rope) * jnp.asarray(config.query_scale, x.dtype)
     k = apply_rope(k, positions, rope)
@@ -140,15 +151,20 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
     enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy, token_mask, window)  # [B, T, N, H]
     N = enc.shape[2]
+    if quant.is_quantized(params["attn_vec_einsum"]["w"]):
+        return quant.matmul(enc.reshape(B, T, N * H), params["attn_vec_einsum"]["w"], 2, tiles), updated  # [B, T, D]
     w_out = _cast(params["attn_vec_einsum"]["w"], x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
     return (enc.reshape(B, T, N * H) @ w_out), updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
 
 
-def mlp(params, x):
+def mlp(params, x, policy: Policy = None):
     """GeGLU: (gelu_tanh(x W_gate) * (x W_up)) W_down."""
-    gate_up = _per_group(x, _cast(params["gating_einsum"], x))  # [2, B, T, F]
+    tiles = quant.tiled(policy)
+    gate_up = _group_dot(x, params["gating_einsum"], tiles)  # [2, B, T, F]
     gate = jax.nn.gelu(gate_up[0], approximate=True)  # [B, T, F]
     up = gate_up[1]  # [B, T, F]
+    if quant.is_quantized(params["linear"]):
+        return quant.matmul(gate * up, params["linear"], 1, tiles)  # [B, T, D]
     return jnp.einsum("BTF,FD->BTD", gate * up, _cast(params["linear"], x))  # [B, T, D]
 
 
@@ -162,7 +178,7 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, 
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
     x = x + h
-    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps)))  # [B, T, D]
+    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps), policy))  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
     return record("out", x + h), updated
@@ -195,17 +211,40 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
     if policy.remat == "full":
         step = jax.checkpoint(step)
     caches = None if kv_cache is None else (kv_cache[0], kv_cache[1])
-    if isinstance(params["layers"], (list, tuple)):  # per-layer buffers (`unstack_layers`), unrolled
-        updates = []
-        for index, params_l in enumerate(params["layers"]):
-            cache_l = None if caches is None else (caches[0][index], caches[1][index])
-            with capture.scope(capture.block_name("llm", index)):  # names for fast/capture.py
-                x, update = step(x, (params_l, jnp.int32(index), cache_l))
-            updates.append(update)
-        updated = None if caches is None else tuple(jnp.stack(u) for u in zip(*updates))
-    else:
-        x, updated = jax.lax.scan(step, x, (params["layers"], jnp.arange(config.depth), caches))
+    parts, segments = [], layer_segments(params)  # each segment's updated (k, v)
+    for layers, start in segments:
+        if isinstance(layers, (list, tuple)):  # per-layer buffers (`unstack_layers`), unrolled
+            updates = []
+            for index, params_l in enumerate(layers, start):
+                cache_l = None if caches is None else (caches[0][index], caches[1][index])
+                with capture.scope(capture.block_name("llm", index)):  # names for fast/capture.py
+                    x, update = step(x, (params_l, jnp.int32(index), cache_l))
+                updates.append(update)
+            parts.append(None if caches is None else tuple(jnp.stack(u) for u in zip(*updates)))
+        else:
+            n = len(jax.tree_util.tree_leaves(layers)[0])
+            seg_caches = caches if caches is None or len(segments) == 1 else (
+                caches[0][start:start + n], caches[1][start:start + n])
+            x, update = jax.lax.scan(step, x, (layers, jnp.arange(start, start + n), seg_caches))
+            parts.append(update)
+    updated = None if caches is None else (
+        parts[0] if len(parts) == 1 else tuple(jnp.concatenate(u) for u in zip(*parts)))  # [L, B, S, K, H] each
     return record("llm/final_norm", rms_norm(x, params["final_norm"]["scale"], config.norm_eps)), updated
+
+
+SEGMENTS = ("layers_first", "layers", "layers_last")  # `ref.quant.Keep(end_layers=k)` stores three
+
+
+def layer_segments(llm):
+    """`[(layers, index of its first layer)]`: `llm/layers` alone, or the three segments a quantized
+    tree with kept end layers has (`ref.quant.Keep`), in order; each stacked or per-layer."""
+    out, start = [], 0
+    for name in SEGMENTS:
+        if name in llm:
+            layers = llm[name]
+            out.append((layers, start))
+            start += len(layers) if isinstance(layers, (list, tuple)) else len(jax.tree_util.tree_leaves(layers)[0])
+    return out
 
 
 def unstack_layers(params):
@@ -218,22 +257,23 @@ def unstack_layers(params):
     computes the same numbers. NumPy input (e.g. from `ref.load`) is copied to the device one
     layer at a time; for JAX input the stacked arrays can be dropped afterwards.
     """
-    llm = params["llm"]
-    if isinstance(llm["layers"], (list, tuple)):
-        return params
-    depth = len(jax.tree_util.tree_leaves(llm["layers"])[0])
+    llm = dict(params["llm"])
     take = lambda w, i: jax.device_put(w[i]) if isinstance(w, np.ndarray) else w[i]  # noqa: E731
-    layers = tuple(jax.tree_util.tree_map(lambda w: take(w, i), llm["layers"]) for i in range(depth))
-    return {**params, "llm": {**llm, "layers": layers}}
+    for name in SEGMENTS:  # quantized trees may keep end layers apart (`layer_segments`)
+        if name not in llm or isinstance(llm[name], (list, tuple)):
+            continue
+        depth = len(jax.tree_util.tree_leaves(llm[name])[0])
+        llm[name] = tuple(jax.tree_util.tree_map(lambda w: take(w, i), llm[name]) for i in range(depth))  # noqa: B023
+    return {**params, "llm": llm}
 
 
 def stack_layers(params):
     """The inverse of `unstack_layers`: `llm/layers` as stacked [L, ...] arrays (the reference's layout)."""
-    llm = params["llm"]
-    if not isinstance(llm["layers"], (list, tuple)):
-        return params
-    layers = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws), *llm["layers"])
-    return {**params, "llm": {**llm, "layers": layers}}
+    llm = dict(params["llm"])
+    for name in SEGMENTS:
+        if isinstance(llm.get(name), (list, tuple)):
+            llm[name] = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws), *llm[name])
+    return {**params, "llm": llm}
 
 
 def _vocab_slab(V, target=8192):
@@ -251,6 +291,10 @@ def logits(params, pre_logits, config: GemmaConfig, mesh=None):
     `lax.map` over row slabs split across devices would gather them).
     """
     table = params["embedder"]["input_embedding"]  # [V, D]
+    cap = config.final_logits_softcap
+    if quant.is_quantized(table):
+        out = quant.logits(pre_logits, table, quant.tiled() and mesh is None)  # [B, T, V]
+        return cap * jnp.tanh(out / cap) if cap else out
     V, D = table.shape
     slab = _vocab_slab(V)
 
@@ -263,5 +307,4 @@ def logits(params, pre_logits, config: GemmaConfig, mesh=None):
     else:
         out = jax.lax.map(project, table.reshape(V // slab, slab, D))  # [V / slab, B, T, slab]
         out = jnp.moveaxis(out, 0, 2).reshape(pre_logits.shape[:2] + (V,))  # [B, T, V]
-    cap = config.final_logits_softcap
     return cap * jnp.tanh(out / cap) if cap else out

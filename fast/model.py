@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from paligemma import kernels
 from paligemma.ref.capture import record
 from paligemma.ref.config import PaliGemmaConfig
-from paligemma.ref.model import validate_inputs
+from paligemma.ref.model import num_image_tokens, validate_inputs
 
-from . import gemma, sharding, siglip
+from . import gemma, quant, sharding, siglip
 from .mask import make_attn_mask, positions_from_mask, same_block, sliding_window
 from .policy import FLOAT32, Policy
 
@@ -29,17 +29,28 @@ def legacy_image_scaling(zimg, param_dtype):
     return gemma.round_to(divided * scale, param_dtype).astype(zimg.dtype)
 
 
+def embed_images(params, config: PaliGemmaConfig, images, policy: Policy):
+    """Image tokens [B, P, D] for [B, R, R, 3], or [B, F*P, D] for [B, F, R, R, 3]: frames folded
+    into the batch for the vision tower, their tokens concatenated in frame order (big_vision)."""
+    if images.ndim == 4:
+        return siglip.embed_image(params, config.vision, images, policy)  # [B, P, D]
+    B, F = images.shape[:2]
+    zimg = siglip.embed_image(params, config.vision, images.reshape((B * F,) + images.shape[2:]), policy)
+    return zimg.reshape(B, F * zimg.shape[1], zimg.shape[2])  # [B, F*P, D]
+
+
 def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, policy: Policy):
-    """[image ; text] embeddings and the masks extended over the image tokens.
+    """[image ; text] embeddings and the masks extended over the image tokens (F x P of them
+    for images [B, F, R, R, 3]).
 
     Returns:
       x [B, P+T, D], input_mask [B, P+T] bool, mask_ar [B, P+T] int32.
     """
     table = params["llm"]["embedder"]["input_embedding"]
-    zimg = siglip.embed_image(params["img"], config.vision, images, policy)  # [B, P, D]
+    zimg = embed_images(params["img"], config, images, policy)  # [B, P, D]
     if config.legacy_image_scaling:
-        zimg = legacy_image_scaling(zimg, table.dtype)
-    ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, policy.dtype)  # [B, T, D]
+        zimg = legacy_image_scaling(zimg, quant.float_dtype(table))
+    ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, policy.dtype, config.llm.width)  # [B, T, D]
     x = record("llm/embed", jnp.concatenate([zimg.astype(policy.dtype), ztxt], axis=1))  # [B, P+T, D]
     B, P = zimg.shape[:2]
     input_mask = jnp.concatenate([jnp.ones((B, P), bool), input_mask.astype(bool)], axis=1)
@@ -95,7 +106,7 @@ def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
     rope = gemma.rope_table(x.shape[1], config.llm.head_dim, config.llm.rope_base)
     pre_logits, _ = gemma.transformer(params["llm"], x, positions, attn_mask, config.llm, policy, rope, local_mask,
                                       token_mask=token_mask)
-    text = pre_logits[:, config.vision.num_patches :]  # [B, T, D]
+    text = pre_logits[:, num_image_tokens(config, images.shape) :]  # [B, T, D]
     logits = gemma.logits(params["llm"], text, config.llm, policy.mesh)  # [B, T, V]
     logits = sharding.constrain(logits, policy.mesh, sharding.logits_spec(policy.mesh, config.llm.vocab_size, 3))
     return record("logits", logits)  # [B, T, V]
@@ -111,7 +122,8 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     Args:
       params: `{"img": ..., "llm": ...}` (NumPy or JAX arrays, float32 or bfloat16; `llm/layers`
         stacked or per-layer, see `gemma.unstack_layers`).
-      images: [B, R, R, 3] in [-1, 1]; tokens, mask_ar, input_mask: [B, T] as in `ref.forward`.
+      images: [B, R, R, 3] or [B, F, R, R, 3] in [-1, 1]; tokens, mask_ar, input_mask: [B, T] as in
+        `ref.forward`.
       policy: compute / cache dtypes, attention implementation, remat.
       mesh: None, a `jax.sharding.Mesh` or a description ("data=2,model=4"), as in
         `fast.generate`; the logits then come back split over the mesh (examples over data and

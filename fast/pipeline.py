@@ -33,10 +33,14 @@ import ml_dtypes
 import numpy as np
 
 from paligemma import ref
+from paligemma.ref.media import load_item, stack_examples
+from paligemma.ref import quant as ref_quant
 from paligemma.ref.params import flatten, tree_map
 
 from . import sharding
 from .decode import generate as fast_generate
+from .gemma import unstack_layers
+from .quant import check_tree
 from .policy import BFLOAT16, FLOAT32
 
 IMPLS = ("fast", "ref")
@@ -89,8 +93,8 @@ def fit_vocab(config, params, tokenizer):
       ValueError if the embedding has fewer rows than the tokenizer has pieces, or if the
       config's pad/eos/bos ids differ from the tokenizer's.
     """
-    table = params["llm"]["embedder"]["input_embedding"]
-    rows, vocab = table.shape[0], tokenizer.vocab_size
+    table = params["llm"]["embedder"]["input_embedding"]  # [V, D], or quantized: q and scale [V, ...]
+    rows, vocab = (table["q"] if isinstance(table, dict) else table).shape[0], tokenizer.vocab_size
     if rows < vocab:
         raise ValueError(f"tokenizer {tokenizer.name} has {vocab} pieces but the checkpoint's embedding has "
                          f"only {rows} rows: the tokenizer does not belong to this checkpoint")
@@ -99,9 +103,28 @@ def fit_vocab(config, params, tokenizer):
     if ours != theirs:
         raise ValueError(f"special ids differ: checkpoint {ours}, tokenizer {tokenizer.name} {theirs}; "
                          "pass pad_id=, eos_id=, bos_id= to load() if the checkpoint's are wrong")
-    embedder = {**params["llm"]["embedder"], "input_embedding": table[:vocab]}
+    cut = {k: v[:vocab] for k, v in table.items()} if isinstance(table, dict) else table[:vocab]
+    embedder = {**params["llm"]["embedder"], "input_embedding": cut}
     params = {**params, "llm": {**params["llm"], "embedder": embedder}}
     return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab)), params
+
+
+def _place_quantized(params, config, impl, dtype, mesh=None):
+    """`_place` for a quantized tree (`ref.quant`): ref computes on `quant.dequantize_tree` in `dtype`
+    (the formats' definition); fast keeps q and scale as stored and casts the float leaves (norms,
+    biases, kept weights) to `dtype`, with per-layer buffers for every layer segment on CPU."""
+    check_tree(params, config)
+    np_dtype = DTYPES[dtype]
+    if impl == "ref":
+        return ref_quant.dequantize_tree(params, config, np_dtype)
+    flat = flatten(params)
+    floats = {k: np.asarray(v).astype(np_dtype, copy=False) if not k.endswith(("/q", "/scale")) else v
+              for k, v in flat.items()}
+    params = ref.unflatten(floats)
+    if mesh is not None:
+        return sharding.place_params(params, mesh)
+    placed = tree_map(jax.device_put, params)
+    return unstack_layers(placed) if jax.default_backend() == "cpu" else placed
 
 
 def _place(params, impl, dtype, mesh=None):
@@ -206,17 +229,23 @@ class PaliGemma:
         self.impl, self.dtype, self.preprocess, self.progress = impl, dtype, preprocess, progress
         self.config, params = fit_vocab(config, params, self.tokenizer)
         with progress("preparing parameters"):
-            self.params = _place(params, impl, dtype, self.mesh)
+            quantized = any(k.endswith("/q") for k in flatten(params))
+            self.params = (_place_quantized(params, self.config, impl, dtype, self.mesh) if quantized
+                           else _place(params, impl, dtype, self.mesh))
 
     @classmethod
     def load(cls, checkpoint, tokenizer, impl="fast", dtype="float32", preprocess="big_vision",
-             progress=no_progress, mesh=None, **load_overrides):
+             progress=no_progress, mesh=None, quantize=None, keep="", **load_overrides):
         """Reads a tokenizer and a checkpoint (`.npz`, `.safetensors` or an HF directory).
 
         Args:
           checkpoint: path for `paligemma.ref.load`.
           tokenizer: path of the SentencePiece `.model` file (or a `Tokenizer`).
           impl, dtype, preprocess, progress, mesh: see the class.
+          quantize: None, "int8" or "int4": quantize the weights on load (`ref.quant.quantize_tree`,
+            one tensor at a time; a quick try: `paligemma quantize` streams and saves the result).
+            A file `paligemma quantize` wrote loads quantized without it.
+          keep: with `quantize`, what stays in float (`ref.quant.Keep` or "vision,embedding,ends").
           **load_overrides: config fields for `paligemma.ref.load`, e.g. `final_logits_softcap=None`.
         Returns:
           `PaliGemma`.
@@ -228,11 +257,21 @@ class PaliGemma:
         _check_choice("dtype", dtype, _FAST_DTYPES if impl == "fast" else tuple(DTYPES))
         _check_choice("preprocess", preprocess, PREPROCESS_METHODS)
         mesh = _check_mesh(mesh, impl)
+        if keep and quantize is None:
+            raise ValueError(f"keep={keep!r} applies only with quantize='int8' or 'int4'")
+        if quantize is not None:
+            _check_choice("quantize", quantize, ref_quant.FORMATS)
+            keep = keep if isinstance(keep, ref_quant.Keep) else ref_quant.Keep.parse(keep)
         if not isinstance(tokenizer, ref.Tokenizer):
             with progress("loading tokenizer"):
                 tokenizer = ref.Tokenizer(os.fspath(tokenizer))
         with progress("loading checkpoint"):
             config, params = ref.load(checkpoint, **load_overrides)
+        if quantize is not None:
+            if any(k.endswith("/q") for k in flatten(params)):
+                raise ValueError(f"quantize={quantize!r}: {checkpoint} is quantized already")
+            with progress(f"quantizing to {quantize}"):
+                params = ref_quant.quantize_tree(params, config, quantize, keep)
         return cls(config, params, tokenizer, impl, dtype, preprocess, progress, mesh)
 
     def __repr__(self):
@@ -245,7 +284,10 @@ class PaliGemma:
 
         Args:
           images: one image (path, bytes, file object, PIL image or uint8 array; see
-            `paligemma.ref.load_image`) or a list (or tuple) of them.
+            `paligemma.ref.load_image`) or a list (or tuple) of them. Several images in ONE
+            prompt: an inner list, `[["a.jpg", "b.jpg"]]`; a video: its frames, float
+            [F, R, R, 3] from `paligemma.ref.load_video`. Each gives F x P image tokens; every
+            example of a call needs the same F.
           prompts: one prompt (e.g. "caption en") or a list of them. One image with a list of
             prompts pairs the image with each; a list of images with one prompt likewise.
           max_new_tokens: at most this many tokens per answer (EOS included).
@@ -263,9 +305,13 @@ class PaliGemma:
         sampler = ref.parse_sampler(sampler)
         size, method = self.config.vision.image_size, self.preprocess
         # A single image keeps the plain error messages (a list's say "image i: ...").
-        pixels = ref.preprocess(image_list[0] if shared else image_list, size, method)
         if shared:  # decoded once, then one copy per prompt
-            pixels = np.repeat(pixels[None], len(prompt_list), axis=0)  # [B, R, R, 3]
+            pixels = load_item(image_list[0], size, method)  # [R, R, 3] or [F, R, R, 3]
+            pixels = np.repeat(pixels[None], len(prompt_list), axis=0)  # [B, (F,) R, R, 3]
+        elif any(isinstance(x, (list, tuple, np.ndarray)) and np.ndim(x) != 3 for x in image_list):
+            pixels = stack_examples([load_item(x, size, method) for x in image_list])  # [B, (F,) R, R, 3]
+        else:
+            pixels = ref.preprocess(image_list, size, method)  # [B, R, R, 3]
         prompt = self.tokenizer.batch_prompts(prompt_list)
         out = self._run(pixels, prompt, max_new_tokens, sampler, seed)
         results = [_result(self.tokenizer, t, lp, self.config.eos_id) for t, lp in zip(out.tokens, out.logprobs)]
@@ -280,7 +326,7 @@ class PaliGemma:
         prompt = _pad_prompts(prompt, _TEXT_BUCKET, self.tokenizer.pad_id)
         # A new static shape compiles on its first call; say so, since it takes far longer.
         policy = _FAST_POLICIES[self.dtype]
-        key = (self.config, policy, prompt.tokens.shape, max_new_tokens, sampler, self.mesh)
+        key = (self.config, policy, pixels.shape, prompt.tokens.shape, max_new_tokens, sampler, self.mesh)
         with self.progress("generating" if key in _COMPILED else "compiling"):
             out = fast_generate(self.params, self.config, pixels, *prompt, max_new_tokens=max_new_tokens,
                                 sampler=sampler, seed=seed, policy=policy, mesh=self.mesh)

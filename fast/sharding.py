@@ -29,7 +29,7 @@ TRAINING_AXES = ("data", "fsdp")  # fine-tuning has no tensor parallelism (yet):
 INFERENCE_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the example axis is split over both
 # Paths whose arrays carry a leading stacked layer axis [L, ...].
-STACKED = ("llm/layers/", "img/Transformer/encoderblock/")
+STACKED = ("llm/layers/", "llm/layers_first/", "llm/layers_last/", "img/Transformer/encoderblock/")
 
 
 def parse_mesh(spec, axes=TRAINING_AXES):
@@ -96,11 +96,32 @@ MODEL_RULES = {
 }
 
 
+# Quantized weights (`paligemma.ref.quant`: `{"q", "scale"}`): q and scale follow their weight's
+# rule, except where int4 merges the contracted (N, H) into one axis, so that "-3" would name the
+# layer axis: those two split their output width instead (GSPMD gathers the heads' activations
+# first). Kept end layers (`llm/layers_first`, `llm/layers_last`) follow the layers' rules.
+QUANTIZED_RULES = {
+    "llm/layers/attn/attn_vec_einsum/w": (-1,),  # int8 q [L, N, H, D], int4 q [L, (NH)p/2, D]: D
+    f"{_SIGLIP}MultiHeadDotProductAttention_0/out/kernel": (-1,),  # [L, N, H, W] / [L, (NH)p/2, W]: W
+}
+
+
+def _rules(path):
+    """The `MODEL_RULES` axes of a parameter path, quantized leaves and kept end layers included."""
+    for segment in ("llm/layers_first/", "llm/layers_last/"):
+        if path.startswith(segment):
+            path = "llm/layers/" + path[len(segment):]
+    base, _, leaf = path.rpartition("/")
+    if leaf in ("q", "scale") and base in MODEL_RULES:
+        return QUANTIZED_RULES.get(base, MODEL_RULES[base])
+    return MODEL_RULES.get(path, ())
+
+
 def model_axis(path, shape, model):
     """The axis (non-negative) of a parameter split over "model" by `MODEL_RULES`, or None."""
     if model == 1:
         return None
-    for axis in MODEL_RULES.get(path, ()):
+    for axis in _rules(path):
         if len(shape) >= -axis and shape[axis] % model == 0:
             return len(shape) + axis
     return None
@@ -266,9 +287,10 @@ def place_params(params, mesh, dtype=None):
     shardings = tree_shardings(mesh, params)
 
     def one(leaf, sharding):
+        cast = None if np.issubdtype(leaf.dtype, np.integer) else dtype  # quantized q stays as it is
         if isinstance(leaf, jax.Array):
-            return jax.device_put(leaf if dtype is None else leaf.astype(dtype), sharding)
-        read = lambda index: np.asarray(leaf[index]).astype(dtype or leaf.dtype, copy=False)  # noqa: E731
+            return jax.device_put(leaf if cast is None else leaf.astype(cast), sharding)
+        read = lambda index: np.asarray(leaf[index]).astype(cast or leaf.dtype, copy=False)  # noqa: E731
         return jax.make_array_from_callback(tuple(leaf.shape), sharding, read)
 
     return jax.tree_util.tree_map(one, params, shardings)

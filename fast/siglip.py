@@ -13,12 +13,22 @@ from paligemma.ref import capture
 from paligemma.ref.capture import record
 from paligemma.ref.config import VisionConfig
 
+from . import quant
 from .attention import attend
 from .policy import Policy
 
 
 def _cast(w, x):
     return jnp.asarray(w).astype(x.dtype)
+
+
+def _dense(x, w, spec, policy=None, contracted=1):
+    """`einsum(spec, x, w)` for a float weight, `quant.matmul` for a quantized one (its first
+    `contracted` axes summed over, e.g. 2 for out [N, H, W]; x's last `contracted` axes likewise)."""
+    if not quant.is_quantized(w):
+        return jnp.einsum(spec, x, _cast(w, x))
+    lead = x.shape[: x.ndim - contracted]
+    return quant.matmul(x.reshape(lead + (-1,)), w, contracted, quant.tiled(policy))
 
 
 def patch_embed(params, images, patch_size):
@@ -48,9 +58,9 @@ def attention(params, x, policy: Policy = None):
 
     With a `policy` that uses the Pallas kernels, the attention itself runs there (head dim 72
     padded to 128 inside the kernel)."""
-    q = jnp.einsum("BPW,WNH->BPNH", x, _cast(params["query"]["kernel"], x)) + _cast(params["query"]["bias"], x)
-    k = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["key"]["kernel"], x)) + _cast(params["key"]["bias"], x)
-    v = jnp.einsum("BSW,WNH->BSNH", x, _cast(params["value"]["kernel"], x)) + _cast(params["value"]["bias"], x)
+    q = _dense(x, params["query"]["kernel"], "BPW,WNH->BPNH", policy) + _cast(params["query"]["bias"], x)
+    k = _dense(x, params["key"]["kernel"], "BSW,WNH->BSNH", policy) + _cast(params["key"]["bias"], x)
+    v = _dense(x, params["value"]["kernel"], "BSW,WNH->BSNH", policy) + _cast(params["value"]["bias"], x)
     B, P, _, H = q.shape
     if policy is not None and policy.uses_kernels:
         everything = kernels.TokenMask.full(B, P)
@@ -59,15 +69,15 @@ def attention(params, x, policy: Policy = None):
         logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
         probs = record("attn_probs", jax.nn.softmax(logits, axis=-1).astype(x.dtype))  # [B, N, P, S]
         enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
-    out = jnp.einsum("BPNH,NHW->BPW", enc, _cast(params["out"]["kernel"], x))  # [B, P, W]
+    out = _dense(enc, params["out"]["kernel"], "BPNH,NHW->BPW", policy, contracted=2)  # [B, P, W]
     return out + _cast(params["out"]["bias"], x)
 
 
-def mlp(params, x):
+def mlp(params, x, policy: Policy = None):
     """Dense W->M, tanh-GELU, Dense M->W (both with bias)."""
-    h = jnp.einsum("BPW,WM->BPM", x, _cast(params["Dense_0"]["kernel"], x)) + _cast(params["Dense_0"]["bias"], x)
+    h = _dense(x, params["Dense_0"]["kernel"], "BPW,WM->BPM", policy) + _cast(params["Dense_0"]["bias"], x)
     h = jax.nn.gelu(h, approximate=True)  # [B, P, M]
-    out = jnp.einsum("BPM,MW->BPW", h, _cast(params["Dense_1"]["kernel"], x))  # [B, P, W]
+    out = _dense(h, params["Dense_1"]["kernel"], "BPM,MW->BPW", policy)  # [B, P, W]
     return out + _cast(params["Dense_1"]["bias"], x)
 
 
@@ -76,7 +86,7 @@ def encoder_block(params, x, eps, policy: Policy = None):
     y = layer_norm(x, params["LayerNorm_0"]["scale"], params["LayerNorm_0"]["bias"], eps)
     x = x + record("attn_out", attention(params["MultiHeadDotProductAttention_0"], y, policy))  # [B, P, W]
     y = layer_norm(x, params["LayerNorm_1"]["scale"], params["LayerNorm_1"]["bias"], eps)
-    return record("out", x + record("mlp_out", mlp(params["MlpBlock_0"], y)))  # [B, P, W]
+    return record("out", x + record("mlp_out", mlp(params["MlpBlock_0"], y, policy)))  # [B, P, W]
 
 
 def encode(params, config: VisionConfig, images, policy: Policy):
@@ -100,11 +110,11 @@ def encode(params, config: VisionConfig, images, policy: Policy):
     return record("img/encoder_norm", layer_norm(x, norm["scale"], norm["bias"], config.layer_norm_eps))
 
 
-def head(params, x):
+def head(params, x, policy: Policy = None):
     """Dense W->D with bias, per token."""
-    return jnp.einsum("BPW,WD->BPD", x, _cast(params["kernel"], x)) + _cast(params["bias"], x)  # [B, P, D]
+    return _dense(x, params["kernel"], "BPW,WD->BPD", policy) + _cast(params["bias"], x)  # [B, P, D]
 
 
 def embed_image(params, config: VisionConfig, images, policy: Policy):
     """Image tokens as the language model sees them: [B, R, R, 3] -> [B, P, D]."""
-    return record("img/head", head(params["head"], encode(params, config, images, policy)))  # [B, P, D]
+    return record("img/head", head(params["head"], encode(params, config, images, policy), policy))  # [B, P, D]

@@ -5,6 +5,7 @@
     config, params = load("model.safetensors", final_logits_softcap=None)
     save("out.npz", config, params)                              # big_vision layout
     save("out-hf/", config, params, format="hf")                 # from_pretrained() loads it
+    config, qtree = load("pt-224-int8.safetensors")              # `paligemma quantize`'s output: quantized tree
 
 The config comes from `config.json` when there is one, else from tensor shapes. Shapes cannot
 tell softcaps, the query scaling, the sliding window or (for HF names) how a projection splits
@@ -39,8 +40,16 @@ def load(path, **overrides):
 
     `.npz` members are memory-mapped read-only (no copy until used); HF tensors are converted
     one at a time, so peak memory stays near one copy of the weights.
+
+    A quantized file (`paligemma quantize`, `quantfile.quantize_file`) gives the *quantized* tree
+    (`quant.quantize_tree`'s layout: `{"q", "scale"}` per weight, kept end layers apart), which
+    `paligemma.fast` runs as it is; `quant.dequantize_tree(params, config)` gives the float tree the
+    reference's functions take. Overrides may change everything but the shapes, except
+    `vocab_size`, which keeps the first rows of the (per-row quantized) embedding.
     """
     path = str(path)
+    if _is_quantized(path):
+        return _load_quantized(path, overrides)
     reader = open_reader(path)
     try:
         keys = reader.keys()
@@ -60,6 +69,9 @@ def load(path, **overrides):
 def read_config(path, **overrides):
     """The config `load(path, **overrides)` returns, from headers and config.json alone (no tensor is read)."""
     path = str(path)
+    if _is_quantized(path):
+        from .quantfile import read_quant_header  # quantfile imports this module
+        return apply_overrides(read_quant_header(path).config, overrides)
     reader = open_reader(path)
     try:
         keys = reader.keys()
@@ -90,6 +102,33 @@ def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, m
         _save_hf(str(path), config, flat, overwrite, max_shard_bytes)
     else:
         raise ValueError(f"format: expected 'npz' or 'hf', got {format!r}")
+
+
+def _is_quantized(path):
+    """True for a single safetensors file whose metadata holds the quantization header."""
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return False
+    from .quantfile import HEADER_KEY, safe_open  # quantfile imports this module
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return HEADER_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: the ordinary reader says why
+        return False
+
+
+def _load_quantized(path, overrides):
+    """`(config, quantized tree)` of a `paligemma quantize` file, with the overrides applied."""
+    from .quantfile import load_quantized  # quantfile imports this module
+    config, qtree, _ = load_quantized(path)
+    config = apply_overrides(config, {k: v for k, v in overrides.items() if k != "vocab_size"})
+    flat = flatten(qtree)
+    rows = config.llm.vocab_size
+    vocab = overrides.get("vocab_size", rows)
+    if vocab > rows:
+        raise CheckpointError(f"{path}: vocab_size {vocab} requested, but the embedding has only {rows} rows")
+    for key in [k for k in flat if k.startswith("llm/embedder/input_embedding")]:  # the table, or its q and scale
+        flat[key] = flat[key][:vocab]
+    return config.replace(llm=dataclasses.replace(config.llm, vocab_size=vocab)), unflatten(flat)
 
 
 # --- big_vision layout --------------------------------------------------------------------

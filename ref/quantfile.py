@@ -255,6 +255,20 @@ def quantize_file(checkpoint, out, fmt, keep=Keep(), group_size=GROUP_SIZE, scal
     return header
 
 
+def read_quant_header(path):
+    """The `QuantHeader` of a quantized file, from its metadata alone (no tensor is read)."""
+    path = str(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if HEADER_KEY not in meta:
+        raise CheckpointError(f"{path}: no {HEADER_KEY!r} entry in the safetensors metadata: not a "
+                              "quantized PaliGemma checkpoint (write one with `paligemma quantize`)")
+    return QuantHeader.from_json(meta[HEADER_KEY], path)
+
+
 def load_quantized(path):
     """Reads a file `quantize_file` wrote. Returns `(config, qtree, header)`.
 
