@@ -3,7 +3,7 @@
 The model has the real image geometry (224 px, 14 px patches -> 256 image tokens) and the
 real 257,152-token vocabulary, but narrow towers so it runs in seconds on a laptop CPU.
 Its weights are random, so its words are noise: the point is to watch the data flow.
-(A trained embedded demo model arrives with the detection/segmentation issue.)
+(`make demo` runs the trained embedded demo model instead: `paligemma demo`, cli/demo.py.)
 """
 
 import argparse
