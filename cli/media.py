@@ -15,28 +15,17 @@ reads one image.
 DEFAULT_FRAMES, DEFAULT_STRIDE = 16, 9  # the PaliGemma video transfers (MSR-VTT, ActivityNet, ...)
 
 
-def _frames_count(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser):
     """Adds --images, --video, --frames and --stride to the `generate` parser."""
+    from .main import _positive_int  # imported here: cli/main imports this module
     m = parser.add_argument_group("video and multi-image prompts (instead of --image)")
     m.add_argument("--images", action="append", metavar="A,B,...",
                    help="several images (comma-separated) in ONE prompt; repeat for a batch")
     m.add_argument("--video", action="append", metavar="FILE",
                    help="a video's frames in one prompt; repeat for a batch")
-    m.add_argument("--frames", type=_frames_count, default=DEFAULT_FRAMES, metavar="F",
+    m.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES, metavar="F",
                    help=f"frames sampled from each --video (default {DEFAULT_FRAMES})")
-    m.add_argument("--stride", type=_frames_count, default=DEFAULT_STRIDE, metavar="N",
+    m.add_argument("--stride", type=_positive_int, default=DEFAULT_STRIDE, metavar="N",
                    help=f"take every N-th frame, from frame 0 (default {DEFAULT_STRIDE})")
 
 
