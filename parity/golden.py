@@ -26,13 +26,13 @@ import io
 import json
 import os
 import platform
-import tempfile
 import zipfile
 from importlib import metadata
 
 import numpy as np
 
 from paligemma.ref import capture
+from paligemma.ref.checkpoint import _atomic_write
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import forward, validate_inputs
 from paligemma.ref.params import cast_params, tree_map
@@ -241,22 +241,15 @@ def write(path, activations: Activations, overwrite=False):
         raise ValueError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                for name, array in activations.arrays.items():
-                    _member(zf, name, array)
-                if activations.manifest is not None:
-                    text = json.dumps(activations.manifest, indent=1, sort_keys=True)
-                    _member(zf, MANIFEST, np.frombuffer(text.encode(), dtype=np.uint8))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def write_zip(tmp):
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w") as zf:
+            for name, array in activations.arrays.items():
+                _member(zf, name, array)
+            if activations.manifest is not None:
+                text = json.dumps(activations.manifest, indent=1, sort_keys=True)
+                _member(zf, MANIFEST, np.frombuffer(text.encode(), dtype=np.uint8))
+
+    _atomic_write(path, write_zip)
 
 
 def read(path):

@@ -29,10 +29,10 @@ width, P the 16 grid cells, Q codebook entries.
 
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 
+from .checkpoint import _atomic_write
 from .params import flatten, unflatten
 from .tensorfiles import CheckpointError, NpzReader
 
@@ -201,18 +201,12 @@ def save_vae(path, params):
     flat = flatten(params)
     tensors = {key: np.ascontiguousarray(_to_torch(kind, np.asarray(flat[tree_path])))
                for key, tree_path, kind, _ in _layout(config) if tree_path in flat}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **tensors)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    _atomic_write(os.fspath(path), write)
 
 
 def write_random_vae(path, config=VAEConfig(), seed=0):
