@@ -129,6 +129,24 @@ def _parse(line, root, tokenizer, text_len):
     return dict(record, item=item), None
 
 
+def read_lines(path, image_root=None):
+    """(path, image root, lines) of a JSON Lines file; the root defaults to the file's folder.
+
+    Raises:
+      ValueError if the file cannot be read as UTF-8.
+    """
+    path = os.fspath(path)
+    root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return path, root, lines
+
+
 def read_jsonl(path, tokenizer, text_len, image_root=None, check_images=True, workers=4):
     """Reads and checks every line of a JSONL file.
 
@@ -143,15 +161,7 @@ def read_jsonl(path, tokenizer, text_len, image_root=None, check_images=True, wo
     Raises:
       ValueError if the file cannot be read or has no lines.
     """
-    path = os.fspath(path)
-    root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    path, root, lines = read_lines(path, image_root)
     if not lines:
         raise ValueError(f"{path}: empty file, expected one JSON object per line")
     records, bad = [], []

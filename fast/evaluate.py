@@ -28,7 +28,7 @@ from paligemma.ref import scoring
 from paligemma.ref.image import load_image
 from paligemma.ref.media import Video, check_item, frame_count, item_from_record, load_item
 
-from .data import BadLine, DataError, check_frames
+from .data import BadLine, DataError, check_frames, read_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +90,7 @@ def read_eval(path, task, image_root=None, video_frames=16, skip_bad=False, chec
       or empty file, no usable line, differing frame counts or repeated ids.
     """
     scoring.check_task(task)
-    path = os.fspath(path)
-    root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if lines and lines[-1] == "":
-        lines.pop()
+    path, root, lines = read_lines(path, image_root)
     examples, bad = [], []
     for number, line in enumerate(lines, 1):
         parsed, reason = _parse(line, number, task, root) if line.strip() else (None, "empty line")
