@@ -96,6 +96,19 @@ def dequantize_int4(q, scale, axis, dtype=jnp.float32):
     return w.reshape(values.shape)
 
 
+def nibble_planes(q, scale, axis, dtype=jnp.float32):
+    """int4 q uint8 [pre, Cp/2, post] with scale [pre, Cp/G, post] -> (even, odd) [pre, Cp/2, post]:
+    the dequantized elements 2j and 2j + 1 as two arrays, so that `x @ w` becomes
+    `x[..., 0::2] @ even + x[..., 1::2] @ odd` with no interleaving copy of the weight."""
+    byte = jnp.asarray(q).astype(jnp.int8)
+    axis = axis % byte.ndim
+    half, groups = byte.shape[axis], scale.shape[axis]
+    grouped = byte.shape[:axis] + (groups, half // groups) + byte.shape[axis + 1:]
+    s = jnp.expand_dims(scale.astype(dtype), axis + 1)  # [pre, Cp/G, 1, post]
+    planes = (jnp.left_shift(byte, 4) >> 4, byte >> 4)  # low, high nibbles, sign-extended
+    return tuple((p.reshape(grouped).astype(dtype) * s).reshape(byte.shape) for p in planes)
+
+
 def tiled(policy=None):
     """Whether matmuls run tile by tile (`TILE_BYTES`): on CPU without a mesh (see the module doc)."""
     return jax.default_backend() == "cpu" and (policy is None or policy.mesh is None)
@@ -117,7 +130,8 @@ def _block_dot(x, q, scale):
     """x [M, Cp] against one block q [Cq, O'] with scale [1 or Cp/G, O'] -> [M, O'] in x's dtype."""
     if q.dtype == jnp.int8:
         return (x @ q.astype(x.dtype)) * scale.astype(x.dtype)  # the scale on the output: [M, O']
-    return x @ dequantize_int4(q, scale, 0, x.dtype)  # [M, Cp] @ [Cp, O']
+    even, odd = nibble_planes(q, scale, 0, x.dtype)  # [Cp/2, O'] each
+    return x[:, 0::2] @ even + x[:, 1::2] @ odd  # [M, O']
 
 
 def grouped_dot(x, q, scale, tiles=True):
@@ -236,8 +250,9 @@ def _rows_dot(x, q, scale):
     if q.dtype == jnp.int8:
         out = jnp.einsum("MC,VC->MV", x, q.astype(x.dtype), preferred_element_type=jnp.float32)  # [M, V']
         return out * scale[:, 0].astype(jnp.float32)
-    rows = dequantize_int4(q, scale, 1, x.dtype)  # [V', Cp]
-    return jnp.einsum("MC,VC->MV", x, rows, preferred_element_type=jnp.float32)  # [M, V']
+    even, odd = nibble_planes(q, scale, 1, x.dtype)  # [V', Cp/2] each
+    dot = lambda x, w: jnp.einsum("MC,VC->MV", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    return dot(x[:, 0::2], even) + dot(x[:, 1::2], odd)  # [M, V']
 
 
 def logits(x, table, tiles=True):

@@ -101,6 +101,18 @@ def test_unpacking_matches_the_reference_and_a_hand_worked_byte():
         np.testing.assert_array_equal(np.asarray(fq.unpack_int4(every, axis)), rq.unpack_int4(every, axis))
 
 
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nibble_planes_are_the_even_and_odd_dequantized_elements(axis):
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every byte once
+    values = rq.unpack_int4(every, axis).astype(np.float64)  # [32, 16] or [16, 32]
+    groups = values.shape[axis] // 8  # group size 8
+    scale = np.random.default_rng(axis).uniform(0.5, 2, np.insert(np.delete(values.shape, axis), axis, groups))
+    want = values * np.repeat(scale, 8, axis=axis)  # the dequantized weight, element by element
+    even, odd = fq.nibble_planes(every, jnp.asarray(scale, jnp.float32), axis)
+    np.testing.assert_allclose(np.asarray(even), np.take(want, np.arange(0, want.shape[axis], 2), axis), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(odd), np.take(want, np.arange(1, want.shape[axis], 2), axis), rtol=1e-6)
+
 # --- Whole models ------------------------------------------------------------------------------
 
 
