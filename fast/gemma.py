@@ -69,6 +69,38 @@ def _group_dot(x, w, tiles):
     return quant.per_group(x, w, tiles) if quant.is_quantized(w) else _per_group(x, _cast(w, x))
 
 
+# The low-rank term of each LoRA-adapted weight (`fast.lora.attach`), as two einsums: x A, then
+# (x A) B in the layout the site's base product comes out in. R is the rank, C the k/v or gate/up pair.
+LORA_TERMS = {
+    "q_einsum": ("BTD,DR->BTR", "BTR,RNH->NBTH"),  # [N, B, T, H], as `_group_dot`
+    "kv_einsum": ("BTD,CDR->CBTR", "CBTR,CRKH->CKBTH"),  # [2, K, B, T, H]
+    "attn_vec_einsum": ("BTNH,NHR->BTR", "BTR,RD->BTD"),
+    "gating_einsum": ("BTD,CDR->CBTR", "CBTR,CRF->CBTF"),  # [2, B, T, F]
+    "linear": ("BTF,FR->BTR", "BTR,RD->BTD"),
+}
+
+
+def _adapted(w):
+    return isinstance(w, dict) and "lora_a" in w
+
+
+def _base(w):
+    """The frozen weight of a LoRA-adapted weight, or the weight itself."""
+    return w["w"] if _adapted(w) else w
+
+
+def _lora_term(x, w, site, shape=None):
+    """`scale * (x A) B` of an adapted weight; 0 for a plain one. The adapters never meet W, so
+    training them needs only the input gradient through W (a merged `W + scale A B` would make
+    XLA compute the full [in, out] weight gradient as well, per layer and step)."""
+    if not _adapted(w):
+        return 0
+    first, second = LORA_TERMS[site]
+    xa = jnp.einsum(first, x, w["lora_a"].astype(x.dtype))  # [B, T, R] or [C, B, T, R]
+    out = jnp.einsum(second, xa, w["lora_b"].astype(x.dtype)) * jnp.asarray(w["scale"], x.dtype)
+    return out if shape is None else out.reshape(shape)
+
+
 def embed_tokens(params, tokens, dtype, width=None):
     """Token embeddings times sqrt(D), the scalar cast to the table's dtype first and the product
     rounded to the table's dtype (bf16 x bf16 is exact in float32): [B, T] -> [B, T, D].
@@ -134,11 +166,13 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
     """
     B, T, D = x.shape
     K, H, tiles = config.num_kv_heads, config.head_dim, quant.tiled(policy)
-    w_kv = params["kv_einsum"]["w"]  # [2, K, D, H]
-    w_kv = quant.merge_leading(w_kv, 2) if quant.is_quantized(w_kv) else _cast(w_kv, x).reshape(2 * K, D, H)
+    w_q, w_kv = params["q_einsum"]["w"], params["kv_einsum"]["w"]  # [N, D, H], [2, K, D, H]
+    kv_base = _base(w_kv)
+    kv_base = quant.merge_leading(kv_base, 2) if quant.is_quantized(kv_base) else _cast(kv_base, x).reshape(2 * K, D, H)
     # einsum("BTD,NDH->BTNH") and einsum("BSD,KDH->BSKH") for k and v, as `_per_group`s.
-    q = jnp.moveaxis(_group_dot(x, params["q_einsum"]["w"], tiles), 0, 2)  # [B, T, N, H]
-    kv = _group_dot(x, w_kv, tiles)  # [2K, B, T, H]
+    q = _group_dot(x, _base(w_q), tiles) + _lora_term(x, w_q, "q_einsum")  # [N, B, T, H]
+    q = jnp.moveaxis(q, 0, 2)  # [B, T, N, H]
+    kv = _group_dot(x, kv_base, tiles) + _lora_term(x, w_kv, "kv_einsum", (2 * K, B, T, H))  # [2K, B, T, H]
     k, v = jnp.moveaxis(kv[:K], 0, 2), jnp.moveaxis(kv[K:], 0, 2)  # [B, T, K, H] each
     q = apply_rope(q, positions, rope) * jnp.asarray(config.query_scale, x.dtype)
     k = apply_rope(k, positions, rope)
@@ -150,22 +184,26 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
         updated = (k_cache, v_cache)
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
     enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy, token_mask, window)  # [B, T, N, H]
-    N = enc.shape[2]
-    if quant.is_quantized(params["attn_vec_einsum"]["w"]):
-        return quant.matmul(enc.reshape(B, T, N * H), params["attn_vec_einsum"]["w"], 2, tiles), updated  # [B, T, D]
-    w_out = _cast(params["attn_vec_einsum"]["w"], x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
-    return (enc.reshape(B, T, N * H) @ w_out), updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
+    N, w_out = enc.shape[2], params["attn_vec_einsum"]["w"]
+    extra = _lora_term(enc, w_out, "attn_vec_einsum")  # [B, T, D] or 0
+    w_out = _base(w_out)  # [N, H, D]
+    if quant.is_quantized(w_out):
+        return quant.matmul(enc.reshape(B, T, N * H), w_out, 2, tiles) + extra, updated  # [B, T, D]
+    w_out = _cast(w_out, x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
+    return (enc.reshape(B, T, N * H) @ w_out) + extra, updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
 
 
 def mlp(params, x, policy: Policy = None):
     """GeGLU: (gelu_tanh(x W_gate) * (x W_up)) W_down."""
     tiles = quant.tiled(policy)
-    gate_up = _group_dot(x, params["gating_einsum"], tiles)  # [2, B, T, F]
+    w_gate, w_down = params["gating_einsum"], params["linear"]  # [2, D, F], [F, D]
+    gate_up = _group_dot(x, _base(w_gate), tiles) + _lora_term(x, w_gate, "gating_einsum")  # [2, B, T, F]
     gate = jax.nn.gelu(gate_up[0], approximate=True)  # [B, T, F]
     up = gate_up[1]  # [B, T, F]
-    if quant.is_quantized(params["linear"]):
-        return quant.matmul(gate * up, params["linear"], 1, tiles)  # [B, T, D]
-    return jnp.einsum("BTF,FD->BTD", gate * up, _cast(params["linear"], x))  # [B, T, D]
+    extra = _lora_term(gate * up, w_down, "linear")  # [B, T, D] or 0
+    if quant.is_quantized(_base(w_down)):
+        return quant.matmul(gate * up, _base(w_down), 1, tiles) + extra  # [B, T, D]
+    return jnp.einsum("BTF,FD->BTD", gate * up, _cast(_base(w_down), x)) + extra  # [B, T, D]
 
 
 def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,

@@ -15,8 +15,10 @@ gate/up projections, which get separate adapters):
     linear            [F, D]        A [F, R]      B [R, D]        "FR,RD->FD"
 
 Adapters are a nested dict with the weights' paths, each leaf a `{"lora_a", "lora_b"}` pair,
-stacked on the layer axis L like the weights. In training each layer's weights are merged
-inside the layer scan (`transformer`), so only one layer's merged copy exists at a time.
+stacked on the layer axis L like the weights. In training the adapters are applied beside the
+frozen weights, `x W + (alpha / rank) (x A) B` (`attach`, `paligemma.fast.gemma`'s layers), as PEFT
+does: merging them into W inside the step would make XLA compute every adapted weight's full
+gradient (`merge` is for export only).
 """
 
 import jax
@@ -96,9 +98,20 @@ def merge(params, adapters, scale):
     return dict(params, llm=llm)
 
 
+def attach(llm_layers, adapters, scale):
+    """`llm_layers` with every adapted weight W replaced by `{"w": W, "lora_a", "lora_b", "scale"}`,
+    which `paligemma.fast.gemma`'s layers apply as `x W + scale (x A) B` (never forming W + A B)."""
+    flat, flat_adapters = dict(flatten(llm_layers)), flatten(adapters)
+    for name in TARGETS:
+        flat[name] = {"w": flat[name], "lora_a": flat_adapters[f"{name}/lora_a"],
+                      "lora_b": flat_adapters[f"{name}/lora_b"], "scale": scale}
+    return unflatten(flat)
+
+
 def transformer(params, adapters, scale, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
                 local_mask=None):
-    """`paligemma.fast.gemma.transformer` (no KV cache) with adapted weights, merged per layer.
+    """`paligemma.fast.gemma.transformer` (no KV cache) with the adapters applied beside the frozen
+    weights (`attach`), one layer at a time.
 
     Args:
       params: the `llm` subtree (stacked layers); adapters: `init_adapters`'s tree; scale: alpha / rank;
@@ -110,7 +123,7 @@ def transformer(params, adapters, scale, x, positions, attn_mask, config: GemmaC
 
     def step(x, layer):
         params_l, adapters_l, index = layer
-        params_l = merge_layers(params_l, adapters_l, scale, stacked=False)
+        params_l = attach(params_l, adapters_l, scale)
         mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
         x, _ = gemma.block(params_l, x, positions, mask, config, policy, rope)
         return x, None

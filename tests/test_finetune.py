@@ -5,7 +5,8 @@ float64 reference.
 - the fast loss and its gradient match a loss computed from `ref`'s float64 logits (the gradient
   along its own direction against a finite difference of the reference);
 - LoRA: zero-initialised adapters leave the logits unchanged; the merge equals W + s A B written
-  as plain matrix products; adapted logits equal the reference's on the merged weights;
+  as plain matrix products; adapted logits equal the reference's on the merged weights, and the
+  adapters' gradients (applied beside W) equal those through the merged weights;
 - remat and gradient accumulation change neither gradients nor the step;
 - a tiny model overfits the synthetic data set and greedy decoding (by the reference, on the
   exported weights) reproduces every target.
@@ -206,6 +207,26 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(files):
     gold = ref.forward(merged64, config, np.asarray(m.images, np.float64), np.asarray(m.text)[:, :-1],
                        np.asarray(m.mask_ar)[:, :-1])
     assert relative_error(adapted, gold) <= FAST_FLOAT32.ceiling
+
+
+def test_lora_gradients_equal_the_gradients_through_the_merged_weights(files):
+    """Training applies the adapters beside W, `x W + s (x A) B`; differentiating the loss of the
+    merged weights `W + s A B` (the export formula, checked above) must give the same gradients."""
+    config = files.config
+    params = ref.cast_params(ref.init_params(config, seed=2, random_norms=True), np.float32)
+    micro = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), _batch(files))
+    tc = train.TrainConfig(text_len=TEXT_LEN, trainable="lora", lora_rank=2, lora_alpha=3.0)
+    adapters, frozen = train.split_params(params, tc)
+    rng = np.random.default_rng(3)
+    adapters = jax.tree_util.tree_map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), adapters)
+    unmerged = jax.jit(jax.grad(lambda a: train.batch_loss(a, frozen, micro, config, tc)[0]))(adapters)
+    everything = dataclasses.replace(tc, trainable="all")
+    merged = jax.jit(jax.grad(lambda a: train.batch_loss(lora.merge(params, a, tc.lora_scale), {}, micro, config,
+                                                         everything)[0]))(adapters)
+    for name, got in flatten(unmerged).items():
+        want = flatten(merged)[name]
+        assert np.abs(want).max() > 0, name
+        assert relative_error(np.asarray(got), np.asarray(want)) <= FLOAT32_REORDERED.ceiling, name
 
 
 def test_remat_and_accumulation_leave_the_step_unchanged(files):
