@@ -101,7 +101,7 @@ def demo_scenes(n, seed):
     """`n` held-out scenes and one `detect K` prompt per kind present in each."""
     from paligemma.ref import shapes
     rng = np.random.default_rng(seed)
-    scenes = [shapes.random_scene(rng, 128, 3) for _ in range(n)]
+    scenes = [shapes.random_scene(rng, **shapes.DEMO_SCENE) for _ in range(n)]  # as the demo model was trained
     pairs = [(scene, kind) for scene in scenes for kind in sorted({s.kind for s in scene.shapes})]
     return pairs
 

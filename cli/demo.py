@@ -70,7 +70,7 @@ def run_demo(args, usage_error):
     seed = args.seed if args.seed is not None else int(time.time() * 1000) % (2**31)
     rng = np.random.default_rng(seed)
     if args.image is None:
-        scene = shapes.random_scene(rng, 128, 3)
+        scene = shapes.random_scene(rng, **shapes.DEMO_SCENE)  # as the demo model was trained
         image_path = os.path.join(args.out, "scene.png")
         save_png(image_path, Image.fromarray(scene.image))
         print(f"scene (seed {seed}): {shapes.caption(scene)}  -> {image_path}")

@@ -22,6 +22,10 @@ from .tasks import format_objects
 KINDS = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 NUMBERS = ("no", "a", "two", "three", "four")
+# The embedded demo model's scenes (scripts/train_demo.py trains on them, `paligemma demo` draws
+# them): 128 px, up to 3 shapes, box corners on a 4 px grid so that at the model's 64 px input
+# every box edge falls on a pixel edge.
+DEMO_SCENE = {"size": 128, "max_shapes": 3, "grid": 4}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,9 @@ from paligemma.ref.config import GemmaConfig, PaliGemmaConfig, VisionConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "..", "ref", "assets")
-SCENE_SIZE = 128  # pixels of the generated images; the model reads them at 64
-MAX_SHAPES = 3
-GRID = 4  # box corners on a 4 px grid of the 128 px scene: pixel edges of the 64 px model input
+SCENE_SIZE = shapes.DEMO_SCENE["size"]  # pixels of the generated images; the model reads them at 64
+MAX_SHAPES = shapes.DEMO_SCENE["max_shapes"]
+GRID = shapes.DEMO_SCENE["grid"]  # 4 px of the 128 px scene: pixel edges of the 64 px model input
 VAE = vqvae.VAEConfig(num_codes=128, embed_dim=32, hidden=8)  # released: embed 512, hidden 16
 
 
@@ -102,9 +102,55 @@ def train_vae(work, steps, seed):
     return params, float(iou)
 
 
+# --------------------------------------------------------------------------- 4. structured init
+
+def _orthogonal(rng, n):
+    q, r = np.linalg.qr(rng.normal(size=(n, n)))
+    return q * np.sign(np.diag(r))  # [n, n]
+
+
+def _halfwave_features(t, n_freq):
+    """cos/sin(pi k t) for k = 1..n_freq: smooth, non-periodic on t in [0, 1]. [..., 2 n_freq]"""
+    angle = np.pi * t[..., None] * np.arange(1, n_freq + 1)
+    return np.concatenate([np.cos(angle), np.sin(angle)], axis=-1)
+
+
+def structured_init(params, config, tok, seed):
+    """Gives positions a geometry at initialisation, so that localisation is learnable in minutes.
+
+    Two tables of random values are replaced, both still trained afterwards:
+      img/pos_embedding: half-wave features of the patch row and of its column (8 frequencies each:
+      with the demo's 8 patches per side that is close to a complete cosine basis, so each row
+      and each column gets its own, nearly orthogonal code rather than a smooth map);
+      the 1024 `<locNNNN>` rows of the (tied) token embedding: half-wave features of the bin
+      (32 frequencies) plus one direction shared by all loc tokens, so a hidden state can raise
+      "some loc token" at once and then pick the bin with a smooth, peaked logit profile.
+    Each is rotated by a random orthogonal matrix and rescaled to the random init's row norm.
+    """
+    rng = np.random.default_rng(seed + 99)
+    params = jax.tree_util.tree_map(np.array, params)
+    pos = params["img"]["pos_embedding"]  # [1, P, W]
+    side = config.vision.image_size // config.vision.patch_size
+    rows, cols = np.divmod(np.arange(side * side), side)
+    feats = np.concatenate([_halfwave_features((rows + 0.5) / side, 8), _halfwave_features((cols + 0.5) / side, 8)], -1)
+    width = pos.shape[-1]
+    feats = np.pad(feats, ((0, 0), (0, width - feats.shape[-1]))) @ _orthogonal(rng, width)  # [P, W]
+    norm = np.linalg.norm(pos[0], axis=-1).mean()
+    pos[0] = feats / np.linalg.norm(feats, axis=-1, keepdims=True) * norm
+    table = params["llm"]["embedder"]["input_embedding"]  # [V, D]
+    loc = np.asarray(tok.loc_ids)  # [1024], bin order
+    width = table.shape[-1]
+    feats = _halfwave_features((np.arange(1024) + 0.5) / 1024, 32)  # [1024, 64]
+    feats = np.concatenate([feats / np.sqrt(32), np.ones((1024, 1))], -1)  # shared direction last
+    feats = np.pad(feats, ((0, 0), (0, width - feats.shape[-1]))) @ _orthogonal(rng, width)  # [1024, D]
+    norm = np.linalg.norm(table, axis=-1).mean()
+    table[loc] = feats / np.linalg.norm(feats, axis=-1, keepdims=True) * norm
+    return params
+
+
 # --------------------------------------------------------------------------- 2.-3. data, tokenizer
 
-def write_split(work, name, n_scenes, seed, vae):
+def write_split(work, name, n_scenes, seed, vae, loc_rounds=1):
     """Writes `name`.jsonl, its PNGs and `name`-truth.json (every shape's kind, colour and pixel box,
     for scoring); returns the JSONL records."""
     rng = np.random.default_rng(seed)
@@ -116,7 +162,10 @@ def write_split(work, name, n_scenes, seed, vae):
         scene = shapes.random_scene(rng, SCENE_SIZE, MAX_SHAPES, grid=GRID)
         image = f"{name}/{i:05d}.png"
         Image.fromarray(scene.image).save(os.path.join(work, image))
-        for prefix, suffix in shapes.task_examples(scene, rng, codes_of):
+        pairs = shapes.task_examples(scene, rng, codes_of)
+        for _ in range(loc_rounds - 1):  # more detect/segment questions (other kinds) of the same scene
+            pairs += [p for p in shapes.task_examples(scene, rng, codes_of) if p[0].split()[0] in ("detect", "segment")]
+        for prefix, suffix in dict.fromkeys(pairs):
             records.append({"image": image, "prefix": prefix, "suffix": suffix})
         truth[image] = [{"kind": s.kind, "colour": s.colour, "box": list(s.box)} for s in scene.shapes]
     with open(os.path.join(work, f"{name}.jsonl"), "w") as f:
@@ -132,12 +181,16 @@ def main(argv=None):
     parser.add_argument("--train-scenes", type=int, default=6000)
     parser.add_argument("--val-scenes", type=int, default=250)
     parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-seed", type=int, default=0, help="the shipped VAE's is 0")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loc-rounds", type=int, default=2, help="detect/segment questions per scene and task")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--continue-from", metavar="WORK", help="start from the model, tokenizer and VAE "
                         "of an earlier --work folder instead of random weights")
+    parser.add_argument("--vae-from", metavar="WORK", help="reuse the mask VQ-VAE of an earlier --work folder")
     parser.add_argument("--install", action="store_true", help="copy the results into ref/assets")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
@@ -152,11 +205,17 @@ def main(argv=None):
         with open(os.path.join(args.continue_from, "metrics.json")) as f:
             earlier = json.load(f)
         vae_iou = earlier["vae_crop_iou"]
+    elif args.vae_from:
+        print(f"1. mask VQ-VAE from {args.vae_from}", flush=True)
+        shutil.copy(os.path.join(args.vae_from, "demo-vae.npz"), os.path.join(args.work, "demo-vae.npz"))
+        vae = vqvae.load_vae(os.path.join(args.work, "demo-vae.npz"))
+        with open(os.path.join(args.vae_from, "metrics.json")) as f:
+            vae_iou = json.load(f)["vae_crop_iou"]
     else:
         print("1. mask VQ-VAE", flush=True)
-        vae, vae_iou = train_vae(args.work, args.vae_steps, args.seed)
+        vae, vae_iou = train_vae(args.work, args.vae_steps, args.vae_seed)
     print(f"2. data ({time.time() - t0:.0f}s)", flush=True)
-    train = write_split(args.work, "train", args.train_scenes, args.seed + 10, vae)
+    train = write_split(args.work, "train", args.train_scenes, args.seed + 10, vae, args.loc_rounds)
     write_split(args.work, "val", args.val_scenes, args.seed + 20, vae)
     print("3. tokenizer", flush=True)
     if args.continue_from:
@@ -175,12 +234,14 @@ def main(argv=None):
         shutil.copy(os.path.join(args.continue_from, "run", "model.npz"), init)
         earlier_steps = earlier["train_steps"] + earlier.get("earlier_steps", 0)
     else:
-        ref.save(init, config, ref.init_params(config, seed=args.seed), overwrite=True)
+        ref.save(init, config, structured_init(ref.init_params(config, seed=args.seed), config, tok, args.seed),
+                 overwrite=True)
         earlier_steps = 0
     run = os.path.join(args.work, "run")
     shutil.rmtree(run, ignore_errors=True)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, text_len=text_len, lr=args.lr, warmup=0.05,
-                     weight_decay=1e-4, clip_norm=1.0, trainable="all", log_every=50, seed=args.seed)
+                     weight_decay=1e-4, clip_norm=1.0, trainable="all", log_every=50, seed=args.seed,
+                     checkpoint_every=args.checkpoint_every, keep_checkpoints=40)
     summary = finetune(init, tok_path, os.path.join(args.work, "train.jsonl"), run, tc, export=("npz",))
     print(f"   {summary.last_step} steps in {summary.seconds:.0f}s, last loss {summary.losses[-1][1]:.4f}")
 
