@@ -28,7 +28,7 @@ $(TPU_STAMP): pyproject.toml
 tpu-env: $(TPU_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m paligemma.ref.demo
+	$(PY) -m paligemma.cli demo
 
 test: $(STAMP) $(TPU_STAMP)
 	PALIGEMMA_REQUIRE_TPU=1 $(PY) -m pytest -q -n 2 tests
