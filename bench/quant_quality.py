@@ -24,7 +24,8 @@ from paligemma.ref import quant as rq
 from paligemma.ref.config import GemmaConfig, PaliGemmaConfig, VisionConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ref", "assets")
-FORMATS = [("int8", rq.Keep()), ("int4", rq.Keep()), ("int4", rq.Keep(vision=True, embedding=True, end_layers=1))]
+FORMATS = [("int8", rq.Keep()), ("int8", rq.Keep(embedding=True)), ("int4", rq.Keep()),
+           ("int4", rq.Keep(vision=True, embedding=True, end_layers=1))]
 
 
 def proportional_configs():
