@@ -12,7 +12,7 @@ weights on both sides.
 
 One training step: batch 8 examples, an image each and 128 text tokens (`[BOS]` + 15 prefix ids +
 "\\n" + 110 suffix ids + EOS, loss on the suffix and EOS), forward, backward and an AdamW update
-(lr 1e-5, no weight decay) of the trainable parameters in float32. Modes: all, no-vision (the
+(lr 1e-5, no warm-up, no weight decay) of the trainable parameters in float32. Modes: all, no-vision (the
 vision tower and projection frozen), attention (only the language model's attention weights),
 lora (rank 8, alpha 8, on the language model's q/k/v/o and gate/up/down projections), each with
 and without remat (fast: `jax.checkpoint` per layer; transformers: `gradient_checkpointing_enable`).
@@ -78,8 +78,9 @@ def run_fast(args):
     from paligemma.fast import data, train
 
     config, params = ref.load(args.weights)
-    tc = train.TrainConfig(steps=1000, batch_size=BATCH, text_len=TEXT_LEN, lr=1e-5, trainable=args.mode,
-                           lora_rank=RANK, lora_alpha=float(RANK), remat=args.remat, clip_norm=None)
+    tc = train.TrainConfig(steps=1000, batch_size=BATCH, text_len=TEXT_LEN, lr=1e-5, warmup=0.0, trainable=args.mode,
+                           lora_rank=RANK, lora_alpha=float(RANK), remat=args.remat, clip_norm=None,
+                           keep_logits=args.keep_logits)
     trainable, frozen = train.split_params(params, tc)
     put = lambda tree: jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, np.float32)), tree)  # noqa: E731
     trainable, frozen = put(trainable), put(frozen)
@@ -210,6 +211,8 @@ def main():
     p.add_argument("--impls", nargs="+", default=["fast", "hf"], choices=["fast", "hf"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--keep-logits", action="store_true",
+                   help="fast: TrainConfig.keep_logits (matters where the embedding is trained: all, no-vision)")
     p.add_argument("--vision-depth", type=int, default=3)
     p.add_argument("--text-depth", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
@@ -242,7 +245,8 @@ def main():
     args.weights = args.weights or os.path.join(args.dir, "weights-hf")
     how = ensure_weights(args, config)
     print(f"{config.name}; weights {args.weights} ({how}); batch {BATCH}, text {TEXT_LEN}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps; {machine_info()}", flush=True)
+          f"{args.warmup} warm-up + {args.steps} timed steps; fast keep_logits={args.keep_logits}; "
+          f"{machine_info()}", flush=True)
     rows = []
     for mode in args.modes:
         for remat in args.remat:
@@ -250,6 +254,7 @@ def main():
                 argv = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--mode", mode, "--weights",
                         args.weights, "--warmup", str(args.warmup), "--steps", str(args.steps)]
                 argv += ["--remat-on"] if remat == "on" else []
+                argv += ["--keep-logits"] if args.keep_logits else []
                 t0 = time.perf_counter()
                 used0 = _meminfo()
                 stdout, stderr, rc, note, loads = run_worker(argv, args.min_available_gb * 2**30)

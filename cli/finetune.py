@@ -63,6 +63,9 @@ def add_parser(commands, usage_error):
     f.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to")
     f.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad data lines instead of stopping")
     f.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
+    f.add_argument("--keep-logits", action="store_true", default=None,
+                   help="with a trained embedding, hold the loss's logits (tokens x vocabulary x 4 bytes) for the "
+                        "backward pass instead of recomputing them")
     for flag, _, kind, text in _FLAGS:
         if flag in _CHOICES:
             f.add_argument(flag, choices=_CHOICES[flag], help=text)
@@ -78,6 +81,7 @@ def add_parser(commands, usage_error):
 def _given(args):
     fields = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _FLAGS}
     fields["remat"] = args.remat
+    fields["keep_logits"] = args.keep_logits
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -90,7 +94,7 @@ def run_finetune(args, usage_error):
     if args.resume:
         named = [f"--{n}" for n in ("checkpoint", "tokenizer", "train", "val", "out", "image_root")
                  if getattr(args, n) is not None]
-        flags = {field: flag for flag, field, _, _ in _FLAGS} | {"remat": "--remat"}
+        flags = {field: flag for flag, field, _, _ in _FLAGS} | {"remat": "--remat", "keep_logits": "--keep-logits"}
         others = sorted(flags[k] for k in set(given) - {"steps"})
         if named or others or args.skip_bad_lines:
             raise usage_error(f"--resume takes the run's recorded settings; only --steps may be given "

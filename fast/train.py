@@ -52,7 +52,9 @@ class TrainConfig:
       linear warm-up before the cosine decay to 0 (big_vision's schedule: the first update is 0).
     clip_norm: global gradient-norm clip (None: off). label_smoothing: epsilon of big_vision's loss.
     trainable: a `GROUPS` name; lora_rank, lora_alpha (default: the rank) for "lora".
-    remat: recompute each layer in the backward pass. compute_dtype, frozen_dtype: "float32" or
+    remat: recompute each layer in the backward pass. keep_logits: with a trained embedding, hold
+      the loss's float32 logits for the backward pass (`paligemma.fast.xent`) instead of
+      recomputing them: B x T x V x 4 bytes for one [B T, D] x [D, V] product less. compute_dtype, frozen_dtype: "float32" or
       "bfloat16". mesh: e.g. "data=2,fsdp=4". seed: data order and adapter initialisation.
     checkpoint_every, eval_every, log_every: steps (0: only at the end / never / every step).
     keep_checkpoints: how many recent training checkpoints stay on disk.
@@ -81,6 +83,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     remat: bool = False
+    keep_logits: bool = False
     compute_dtype: str = "float32"
     frozen_dtype: str = "float32"
     accum_steps: int = 1
@@ -231,7 +234,8 @@ def batch_loss(trainable, frozen, micro, model_config, config: TrainConfig):
     table = params["llm"]["embedder"]["input_embedding"]  # [V, D]
     table_grad = "embedder" in trainable.get("llm", {})  # the tied embedding is trained
     nll = xent.token_nll(pre, table, micro.text[:, 1:], config.label_smoothing,
-                         model_config.llm.final_logits_softcap, table_grad=table_grad)  # [B, T]
+                         model_config.llm.final_logits_softcap, table_grad=table_grad,
+                         keep_logits=config.keep_logits)  # [B, T]
     weights = micro.mask_loss[:, 1:].astype(jnp.float32)  # [B, T]
     per_example = (nll * weights).sum(axis=-1) / jnp.maximum(1.0, weights.sum(axis=-1))  # [B]
     w = micro.weight.astype(jnp.float32)
