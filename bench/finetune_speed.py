@@ -12,9 +12,9 @@ weights on both sides.
 
 One training step: batch 8 examples, an image each and 128 text tokens (`[BOS]` + 15 prefix ids +
 "\\n" + 110 suffix ids + EOS, loss on the suffix and EOS), forward, backward and an AdamW update
-(lr 1e-5, no warm-up, no weight decay) of the trainable parameters in float32. Modes: all, no-vision (the
-vision tower and projection frozen), attention (only the language model's attention weights),
-lora (rank 8, alpha 8, on the language model's q/k/v/o and gate/up/down projections), each with
+(lr 1e-5, no warm-up, no weight decay) of the trainable parameters in float32. Modes: all,
+no-vision (the vision tower and projection frozen), attention (only the language model's
+attention weights), lora (rank 8, alpha 8, on the language model's q/k/v/o and gate/up/down projections), each with
 and without remat (fast: `jax.checkpoint` per layer; transformers: `gradient_checkpointing_enable`).
 The peer computes logits for the 128 text positions only (`logits_to_keep`) and big_vision's loss
 in torch, as fast does, so both do the same arithmetic.
@@ -78,9 +78,9 @@ def run_fast(args):
     from paligemma.fast import data, train
 
     config, params = ref.load(args.weights)
-    tc = train.TrainConfig(steps=1000, batch_size=BATCH, text_len=TEXT_LEN, lr=1e-5, warmup=0.0, trainable=args.mode,
-                           lora_rank=RANK, lora_alpha=float(RANK), remat=args.remat, clip_norm=None,
-                           keep_logits=args.keep_logits)
+    tc = train.TrainConfig(steps=1000, batch_size=BATCH, text_len=TEXT_LEN, lr=1e-5, warmup=0.0,
+                           trainable=args.mode, lora_rank=RANK, lora_alpha=float(RANK), remat=args.remat,
+                           clip_norm=None, keep_logits=args.keep_logits)
     trainable, frozen = train.split_params(params, tc)
     put = lambda tree: jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, np.float32)), tree)  # noqa: E731
     trainable, frozen = put(trainable), put(frozen)

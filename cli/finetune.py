@@ -28,6 +28,9 @@ _FLAGS = [
     ("--trainable", "trainable", str, "all, no-vision, attention or lora"),
     ("--lora-rank", "lora_rank", int, "LoRA rank"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (scale alpha / rank; default the rank)"),
+    ("--remat", "remat", bool, "recompute layers in the backward pass"),
+    ("--keep-logits", "keep_logits", bool, "with a trained embedding, hold the loss's logits (tokens x vocabulary "
+                                           "x 4 bytes) for the backward pass instead of recomputing them"),
     ("--dtype", "compute_dtype", str, "compute dtype: float32 or bfloat16"),
     ("--frozen-dtype", "frozen_dtype", str, "dtype frozen parameters are kept in"),
     ("--accum-steps", "accum_steps", int, "gradient accumulation: micro-batches per step"),
@@ -62,12 +65,10 @@ def add_parser(commands, usage_error):
     f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     f.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to")
     f.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad data lines instead of stopping")
-    f.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
-    f.add_argument("--keep-logits", action="store_true", default=None,
-                   help="with a trained embedding, hold the loss's logits (tokens x vocabulary x 4 bytes) for the "
-                        "backward pass instead of recomputing them")
     for flag, _, kind, text in _FLAGS:
-        if flag in _CHOICES:
+        if kind is bool:  # a switch: None (the config's default) unless given
+            f.add_argument(flag, action="store_true", default=None, help=text)
+        elif flag in _CHOICES:
             f.add_argument(flag, choices=_CHOICES[flag], help=text)
         else:
             f.add_argument(flag, type=kind, metavar=kind.__name__.upper(), help=text)
@@ -80,8 +81,6 @@ def add_parser(commands, usage_error):
 
 def _given(args):
     fields = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _FLAGS}
-    fields["remat"] = args.remat
-    fields["keep_logits"] = args.keep_logits
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -94,7 +93,7 @@ def run_finetune(args, usage_error):
     if args.resume:
         named = [f"--{n}" for n in ("checkpoint", "tokenizer", "train", "val", "out", "image_root")
                  if getattr(args, n) is not None]
-        flags = {field: flag for flag, field, _, _ in _FLAGS} | {"remat": "--remat", "keep_logits": "--keep-logits"}
+        flags = {field: flag for flag, field, _, _ in _FLAGS}
         others = sorted(flags[k] for k in set(given) - {"steps"})
         if named or others or args.skip_bad_lines:
             raise usage_error(f"--resume takes the run's recorded settings; only --steps may be given "

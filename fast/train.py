@@ -54,8 +54,8 @@ class TrainConfig:
     trainable: a `GROUPS` name; lora_rank, lora_alpha (default: the rank) for "lora".
     remat: recompute each layer in the backward pass. keep_logits: with a trained embedding, hold
       the loss's float32 logits for the backward pass (`paligemma.fast.xent`) instead of
-      recomputing them: B x T x V x 4 bytes for one [B T, D] x [D, V] product less. compute_dtype, frozen_dtype: "float32" or
-      "bfloat16". mesh: e.g. "data=2,fsdp=4". seed: data order and adapter initialisation.
+      recomputing them: B x T x V x 4 bytes for one [B T, D] x [D, V] product less.
+    compute_dtype, frozen_dtype: "float32" or "bfloat16". mesh: e.g. "data=2,fsdp=4". seed: data order and adapter initialisation.
     checkpoint_every, eval_every, log_every: steps (0: only at the end / never / every step).
     keep_checkpoints: how many recent training checkpoints stay on disk.
     video_frames, video_stride: how "video" lines of the data are sampled (training from a seeded

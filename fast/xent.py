@@ -8,7 +8,8 @@ the forward pass runs over vocabulary slabs with an online log-sum-exp, and the 
 (a `jax.custom_vjp`) recomputes each slab's logits and writes that slab's rows of the table's
 gradient directly. Two ways around that recomputation (the logits product is ~1 TFLOP of a
 3B-shaped training step at 8 x 128 tokens): a frozen table's forward pass accumulates the
-gradient of the pre-logits alongside the loss, and `keep_logits` holds the slabs for a trained one. With PaliGemma's vocabulary (257152) and a batch of 8 x 128 tokens the plain
+gradient of the pre-logits alongside the loss, and `keep_logits` holds the slabs for a trained
+one. With PaliGemma's vocabulary (257152) and a batch of 8 x 128 tokens the plain
 loss holds the logits, their log-softmax, exponentials and gradient, ~1 GB each (4-5 GB of
 temporaries in a training step); here one slab of 8036 rows is 33 MB.
 
@@ -48,8 +49,13 @@ def _slab_logits(pre, rows, offset, V, softcap):
     z = jnp.einsum("ND,SD->NS", pre, rows.astype(pre.dtype), preferred_element_type=jnp.float32)  # [N, S]
     if softcap:
         z = softcap * jnp.tanh(z / softcap)
-    real = offset + jnp.arange(rows.shape[0]) < V  # [S]
+    real = _real(offset, rows.shape[0], V)  # [S]
     return jnp.where(real, z, -jnp.inf), real
+
+
+def _real(offset, S, V):
+    """[S] which of a slab's rows are vocabulary rows (the rest is padding)."""
+    return offset + jnp.arange(S) < V
 
 
 def _split(table, S, pad):
@@ -141,12 +147,12 @@ def _nll_bwd(label_smoothing, softcap, target, table_grad, keep_logits, residual
     V, D = table.shape
     S, pad = slabs(V, target)
     c1, c2 = _constants(label_smoothing, V)
-    kept = keep_logits
 
     def body(d_pre, slab):
-        rows, index, z = slab
-        real = index * S + jnp.arange(S) < V  # [S]
-        if not kept:  # recompute the slab's logits rather than hold all of them
+        rows, index, z = slab  # z: the kept [N, S] logits, or None
+        if keep_logits:
+            real = _real(index * S, S, V)  # [S]
+        else:  # recompute the slab's logits rather than hold all of them
             z, real = _slab_logits(pre, rows, index * S, V, softcap)  # [N, S]
         local = targets - index * S
         onehot = jnp.arange(S)[None, :] == local[:, None]  # [N, S]
@@ -159,9 +165,8 @@ def _nll_bwd(label_smoothing, softcap, target, table_grad, keep_logits, residual
         return d_pre, d_rows.astype(table.dtype)
 
     chunks = _split(table, S, pad)
-    index = jnp.arange(chunks.shape[0])
-    zs = extra if kept else jnp.zeros((chunks.shape[0],), jnp.float32)  # a dummy per slab
-    d_pre, d_table = jax.lax.scan(body, jnp.zeros(pre.shape, jnp.float32), (chunks, index, zs))
+    xs = (chunks, jnp.arange(chunks.shape[0]), extra)  # extra: the kept logits [C, N, S], or None
+    d_pre, d_table = jax.lax.scan(body, jnp.zeros(pre.shape, jnp.float32), xs)
     d_table = d_table.reshape(-1, D)[:V] if table_grad else jnp.zeros_like(table)  # [V, D] (zeros: dropped)
     return d_pre.astype(pre.dtype), d_table, None
 
