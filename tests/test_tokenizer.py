@@ -2,7 +2,6 @@
 rules of `combine_and_keep_train` / `combine_and_keep_eval`; HF's processor layout if installed."""
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -83,13 +82,10 @@ def test_tiny_tokenizer_is_gemma_like(sp):
     assert len(sp.encode("é")) == 2 and all(sp.is_byte(i) for i in sp.encode("é"))  # byte fallback
 
 
-def test_tiny_tokenizer_is_deterministic_and_fast(tmp_path):
-    start = time.perf_counter()
+def test_tiny_tokenizer_is_deterministic(tmp_path):
     a = train_tiny_tokenizer(tmp_path / "a.model")
-    elapsed = time.perf_counter() - start
     train_tiny_tokenizer(tmp_path / "b.model")
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
-    assert elapsed < 3.0
     extra = train_tiny_tokenizer(tmp_path / "c.model", vocab_size=1500, extra_text=["zebra zebra zebra"] * 50)
     assert extra.vocab_size <= 1500 and a.vocab_size <= 1800
 
