@@ -93,6 +93,84 @@ def test_matmul_and_logits_equal_numpy_on_the_dequantized_weight(case):
     np.testing.assert_allclose(np.asarray(rows), deq.T, rtol=1e-6, atol=1e-6 * np.abs(deq).max())
 
 
+@st.composite
+def grouped_cases(draw):
+    """(x [G, M, C], w [G, C, O], fmt, group, tile bytes): prefill-sized M too, and tile sizes where
+    one group's block fits but all G together do not (the loop over groups), or only part of one."""
+    G, M = draw(st.integers(1, 4)), draw(st.sampled_from([1, 3, fq.FEW_ROWS + 1, 40]))
+    C, O = draw(st.sampled_from([6, 32, 48])), draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    w = rng.standard_normal((G, C, O)) * rng.uniform(0.01, 10, (G, 1, O))
+    tile = draw(st.sampled_from([1 << 40, 4 * 64 * O, 64]))  # plain / one group per block / tiles
+    return rng.standard_normal((G, M, C)), w, draw(st.sampled_from(rq.FORMATS)), 16, tile
+
+
+@settings(max_examples=30)
+@given(case=grouped_cases())
+def test_grouped_dot_equals_numpy_on_the_dequantized_weight(case):
+    x, w, fmt, group, tile = case
+    if fmt == "int8":
+        q, scale = rq.quantize_int8(w, (-2,))
+        deq = rq.dequantize_int8(q, scale, np.float64)
+    else:
+        q, scale = rq.quantize_int4(w, (-2,), group)
+        deq = rq.dequantize_int4(q, scale, w.shape, (-2,), np.float64)
+    previous, fq.TILE_BYTES = fq.TILE_BYTES, tile
+    try:
+        got = fq.grouped_dot(jnp.asarray(x, jnp.float32), q, scale, tiles=True)  # [G, M, O]
+    finally:
+        fq.TILE_BYTES = previous
+    assert_close(got, np.einsum("GMC,GCO->GMO", x, deq), FAST_FLOAT32, f"{fmt} grouped dot, tile bytes {tile}")
+
+
+def _abstract_quantized_tree(config, fmt):
+    """`quantize_tree`'s layout (nothing kept) as `jax.ShapeDtypeStruct`s, layers as a tuple."""
+    from paligemma.ref.params import flatten, param_shapes, unflatten
+    shapes, flat, layers = flatten(param_shapes(config)), {}, [{} for _ in range(config.llm.depth)]
+    for entry in rq.layout(config, fmt):
+        shape = shapes[entry.source]
+        layer = entry.source.startswith("llm/layers/")
+        stored = rq.stored_shapes(entry, shape[1:] if layer else shape)
+        structs = {k: jax.ShapeDtypeStruct(s, d or np.float32) for k, (s, d) in stored.items()}
+        for k, v in structs.items():
+            if layer:
+                for one in layers:
+                    one[k[len("llm/layers/"):]] = v
+            else:
+                flat[k] = v
+    tree = unflatten(flat)
+    tree["llm"]["layers"] = tuple(unflatten(one) for one in layers)
+    return tree
+
+
+@pytest.mark.parametrize("fmt", rq.FORMATS)
+def test_generate_holds_one_layer_of_temporaries_at_a_time(fmt):
+    """XLA's plan for `generate` on PaliGemma 2 10B-224's widths (no weights in memory): two more
+    layers may add their KV cache, not a dequantized weight or a layer-sized buffer each (they
+    did: 150 MB per layer, whole float32 q/out projections and early-scheduled loop buffers)."""
+    from paligemma.fast import decode
+    from paligemma.fast.policy import FLOAT32
+    from paligemma.ref.decode import parse_sampler
+    config = ref.get_config("paligemma2-10b-224")
+    R, T, N = config.vision.image_size, 16, 4
+    inputs = (jax.ShapeDtypeStruct((1, R, R, 3), jnp.float32), jax.ShapeDtypeStruct((1, T), jnp.int32),
+              jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1, T), jnp.bool_),
+              jax.ShapeDtypeStruct((2,), jnp.uint32))
+    temp, layer_bytes = {}, {}
+    for depth in (2, 4):
+        cfg = dataclasses.replace(config, llm=dataclasses.replace(config.llm, depth=depth))
+        tree = _abstract_quantized_tree(cfg, fmt)
+        layer_bytes[depth] = sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                                 for a in jax.tree_util.tree_leaves(tree["llm"]["layers"][0]))
+        compiled = decode._generate.lower(tree, *inputs, config=cfg, policy=FLOAT32, max_new_tokens=N,
+                                          sampler=parse_sampler("greedy")).compile()
+        temp[depth] = compiled.memory_analysis().temp_size_in_bytes
+    L = config.llm
+    cache = 2 * L.num_kv_heads * L.head_dim * (config.vision.num_patches + T + N) * 4  # one layer, float32
+    per_layer = (temp[4] - temp[2]) / 2
+    assert per_layer < cache + layer_bytes[2] / 8, (fmt, per_layer, cache, layer_bytes[2])
+
+
 def test_unpacking_matches_the_reference_and_a_hand_worked_byte():
     packed = np.array([[0xF1, 0x78]], np.uint8)  # docs/quantization.md: [1, -1, -8, 7]
     np.testing.assert_array_equal(np.asarray(fq.unpack_int4(packed, 1)), [[1, -1, -8, 7]])
