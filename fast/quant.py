@@ -143,7 +143,7 @@ def _buffer_after(x, shape):
     PaliGemma 2 10B-224's prefill, 1.3 GB over its 42 layers (an optimization barrier does not
     stop it: XLA:CPU expands barriers before scheduling). A buffer computed from x (x * 0, which
     XLA does not fold for floats) is allocated where x exists. Its values are never read."""
-    return jnp.broadcast_to(x.reshape(-1)[0] * 0, shape)
+    return jnp.broadcast_to(x.reshape(-1)[0] * 0, shape) if x.size else jnp.zeros(shape, x.dtype)
 
 
 def grouped_dot(x, q, scale, tiles=True):
