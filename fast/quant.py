@@ -160,11 +160,11 @@ def grouped_dot(x, q, scale, tiles=True):
     G, M, _ = x.shape
     Cq, O = q.shape[1:]
     x = _padded(x, Cq * 2 if q.dtype == jnp.uint8 else Cq)  # [G, M, Cp]
-    width = _tile_width(x.shape[-1], O) if tiles else O
-    if not tiles or (width == O and G * x.shape[-1] * O * 4 <= TILE_BYTES):
+    if not tiles or G * x.shape[-1] * O * 4 <= TILE_BYTES:  # every group's float32 block at once
         return jax.vmap(_block_dot)(x, q, scale)  # [G, M, O]
     if M <= FEW_ROWS:
         return _chunked_dot(x, q, scale)
+    width = _tile_width(x.shape[-1], O)
     n, S = O // width, scale.shape[1]
 
     def step(i, out):

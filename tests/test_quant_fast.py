@@ -124,23 +124,13 @@ def test_grouped_dot_equals_numpy_on_the_dequantized_weight(case):
 
 
 def _abstract_quantized_tree(config, fmt):
-    """`quantize_tree`'s layout (nothing kept) as `jax.ShapeDtypeStruct`s, layers as a tuple."""
+    """`quantize_tree`'s layout (nothing kept) as `jax.ShapeDtypeStruct`s, per-layer (`fast.unstack_layers`)."""
     from paligemma.ref.params import flatten, param_shapes, unflatten
-    shapes, flat, layers = flatten(param_shapes(config)), {}, [{} for _ in range(config.llm.depth)]
+    shapes, stacked = flatten(param_shapes(config)), {}
     for entry in rq.layout(config, fmt):
-        shape = shapes[entry.source]
-        layer = entry.source.startswith("llm/layers/")
-        stored = rq.stored_shapes(entry, shape[1:] if layer else shape)
-        structs = {k: jax.ShapeDtypeStruct(s, d or np.float32) for k, (s, d) in stored.items()}
-        for k, v in structs.items():
-            if layer:
-                for one in layers:
-                    one[k[len("llm/layers/"):]] = v
-            else:
-                flat[k] = v
-    tree = unflatten(flat)
-    tree["llm"]["layers"] = tuple(unflatten(one) for one in layers)
-    return tree
+        for key, (shape, dtype) in rq.stored_shapes(entry, shapes[entry.source]).items():
+            stacked[key] = jax.ShapeDtypeStruct(shape, dtype or np.float32)
+    return jax.eval_shape(fast.unstack_layers, unflatten(stacked))
 
 
 @pytest.mark.parametrize("fmt", rq.FORMATS)
@@ -156,19 +146,19 @@ def test_generate_holds_one_layer_of_temporaries_at_a_time(fmt):
     inputs = (jax.ShapeDtypeStruct((1, R, R, 3), jnp.float32), jax.ShapeDtypeStruct((1, T), jnp.int32),
               jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1, T), jnp.bool_),
               jax.ShapeDtypeStruct((2,), jnp.uint32))
-    temp, layer_bytes = {}, {}
+    temp = {}
     for depth in (2, 4):
         cfg = dataclasses.replace(config, llm=dataclasses.replace(config.llm, depth=depth))
         tree = _abstract_quantized_tree(cfg, fmt)
-        layer_bytes[depth] = sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
-                                 for a in jax.tree_util.tree_leaves(tree["llm"]["layers"][0]))
         compiled = decode._generate.lower(tree, *inputs, config=cfg, policy=FLOAT32, max_new_tokens=N,
                                           sampler=parse_sampler("greedy")).compile()
         temp[depth] = compiled.memory_analysis().temp_size_in_bytes
     L = config.llm
     cache = 2 * L.num_kv_heads * L.head_dim * (config.vision.num_patches + T + N) * 4  # one layer, float32
+    layer_bytes = sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                      for a in jax.tree_util.tree_leaves(tree["llm"]["layers"][0]))
     per_layer = (temp[4] - temp[2]) / 2
-    assert per_layer < cache + layer_bytes[2] / 8, (fmt, per_layer, cache, layer_bytes[2])
+    assert per_layer < cache + layer_bytes / 8, (fmt, per_layer, cache, layer_bytes)
 
 
 def test_unpacking_matches_the_reference_and_a_hand_worked_byte():
