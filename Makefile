@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m paligemma.cli demo
 
 test: $(STAMP) $(TPU_STAMP)
-	PALIGEMMA_REQUIRE_TPU=1 $(PY) -m pytest -q -n 2 tests
+	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache .hypothesis

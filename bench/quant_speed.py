@@ -10,7 +10,11 @@ round, a fourth worker measuring the machine's limits in every round. Each worke
 float32 weights with `ref.load` and then holds them as:
   float32    per-layer buffers (`fast.unstack_layers`), float32 policy: generate_speed's "fast";
   bfloat16   bfloat16 weights, stacked, the bfloat16 policy (what `PaliGemma(dtype="bfloat16")` runs);
-  int8/int4  `ref.quant.quantize_tree` (nothing kept in float), per-layer buffers, float32 policy.
+  int8/int4  `ref.quant.quantize_tree` (nothing kept in float), per-layer buffers, float32 policy;
+             decoding's matmuls run as `kernels.quant_cpu`'s custom calls (the worker fails if
+             they are not built);
+  int8-xla / int4-xla  the same without those kernels (`fast.quant.CPU_KERNEL = False`): the
+             XLA tile loop, as on a machine with no C++ compiler.
 Timed: prefill (a jit of `fast.decode.prefill`) and `fast.generate` with `--new-tokens` N; decode
 time per step = (generate - prefill) / (N - 1), from the medians. Float32 decode floor: the
 language model's float32 weight bytes (embedding included: the logits read it) over the measured
@@ -34,7 +38,7 @@ from _machine import peak_rss, wait_until_quiet
 from generate_speed import (MARK, FastImpl, FloorImpl, bench_config, decode_bytes, decode_flops, ensure_weights,
                             machine_info)
 
-FORMATS = ("float32", "bfloat16", "int8", "int4")
+FORMATS = ("float32", "bfloat16", "int8", "int4", "int8-xla", "int4-xla")
 FULL = {"10b-int8": ("paligemma2-10b-224", "int8"), "28b-int4": ("paligemma2-28b-224", "int4")}
 
 
@@ -50,7 +54,12 @@ class QuantImpl(FastImpl):
         from paligemma.fast.policy import BFLOAT16
         from paligemma.ref import quant
         super().load()  # float32 per-layer device buffers, float32 policy
-        fmt = self.args.format
+        from paligemma.fast import quant as fast_quant
+        from paligemma.kernels import quant_cpu
+        fmt = self.args.format.removesuffix("-xla")
+        fast_quant.CPU_KERNEL = not self.args.format.endswith("-xla")
+        if fmt in quant.FORMATS and fast_quant.CPU_KERNEL and not quant_cpu.available():
+            raise RuntimeError(f"{self.args.format}: kernels.quant_cpu unavailable: {quant_cpu.unavailable_reason()}")
         if fmt == "bfloat16":
             import ml_dtypes
             stacked = fast.stack_layers(self.params)

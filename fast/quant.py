@@ -20,7 +20,11 @@ matrix-vector product). Hence `tiled`: a `fori_loop` over blocks, each a dynamic
 (it stays in the cache) and a plain dot reading it from there, so main memory sees only the
 quantized bytes. No whole dequantized matrix ever exists. The blocks are chunks of whole rows
 of the contracted axis (contiguous in memory, accumulated) when x has few rows (decoding), and
-tiles of output channels otherwise (prefill: no accumulator traffic). On a mesh, and on
+tiles of output channels otherwise (prefill: no accumulator traffic). With few rows (decoding),
+even the tile loop writes every weight once as float32 (to the cache) and reads it back, which
+is as much work as the float32 weight's own read: so on the CPU decoding calls
+`paligemma.kernels.quant_cpu` instead (a C++ XLA custom call that converts in registers), when it
+is built (`CPU_KERNEL`; `quant_cpu.available()`), and the tile loop otherwise. On a mesh, and on
 GPU/TPU (whose XLA fuses the convert into the dot's operand), the plain form is used: it shards
 like the float weight (`fast.sharding` rules for q and scale) and a loop of dynamic slices would
 not.
@@ -33,8 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma.kernels import quant_cpu
+
 TILE_BYTES = 1 << 22  # the float32 block one loop step dequantizes (L3-resident; 256 KiB, 1 MiB: slower)
 FEW_ROWS = 16  # x with at most this many rows (decoding) loops over the contracted axis instead
+CPU_KERNEL = True  # few rows on the CPU: `kernels.quant_cpu` where it is built (read while tracing)
 
 
 def is_quantized(w):
@@ -114,6 +121,11 @@ def tiled(policy=None):
     return jax.default_backend() == "cpu" and (policy is None or policy.mesh is None)
 
 
+def _cpu_kernel(tiles, M):
+    """Whether a product with M rows of x runs as `kernels.quant_cpu`'s custom call."""
+    return tiles and M <= FEW_ROWS and CPU_KERNEL and quant_cpu.available()
+
+
 def _tile_width(C, O, itemsize=4):
     """The largest divisor of O whose [C, width] tile takes at most `TILE_BYTES` (at least 1)."""
     limit = max(1, TILE_BYTES // (itemsize * C))
@@ -151,15 +163,19 @@ def grouped_dot(x, q, scale, tiles=True):
 
     Args:
       x: [G, M, C]; q: int8 [G, C, O] or uint8 [G, Cp/2, O]; scale: [G, 1, O] or [G, Cp/G, O].
-      tiles: loop over blocks of at most `TILE_BYTES` (see the module doc) instead of one dot per
-        group, also when each group alone would fit: converting all G groups at once (a vmap)
-        writes the whole float32 weight, and XLA may schedule every layer's such copy early.
+      tiles: the CPU's forms (see the module doc): with at most FEW_ROWS rows, the
+        `kernels.quant_cpu` custom call where it is built; else a loop over blocks of at most
+        `TILE_BYTES` instead of one dot per group, also when each group alone would fit:
+        converting all G groups at once (a vmap) writes the whole float32 weight, and XLA may
+        schedule every layer's such copy early.
     Returns:
       [G, M, O] in x's dtype.
     """
     G, M, _ = x.shape
     Cq, O = q.shape[1:]
     x = _padded(x, Cq * 2 if q.dtype == jnp.uint8 else Cq)  # [G, M, Cp]
+    if _cpu_kernel(tiles, M):
+        return quant_cpu.columns(x, q, scale).astype(x.dtype)  # [G, M, O]
     if not tiles or G * x.shape[-1] * O * 4 <= TILE_BYTES:  # every group's float32 block at once
         return jax.vmap(_block_dot)(x, q, scale)  # [G, M, O]
     if M <= FEW_ROWS:
@@ -271,11 +287,14 @@ def _rows_dot(x, q, scale):
 
 def logits(x, table, tiles=True):
     """The tied output projection `x @ E^T` with a quantized embedding: x [B, T, D] -> [B, T, V] float32,
-    in slabs of vocabulary rows when `tiles`."""
+    when `tiles` by `kernels.quant_cpu.rows` for few rows (where it is built), else in slabs of
+    vocabulary rows."""
     q, scale = table["q"], table["scale"]
     V, Cq = q.shape
     B, T, _ = x.shape
     x = _padded(x.reshape(B * T, -1), Cq * 2 if q.dtype == jnp.uint8 else Cq)  # [M, Cp]
+    if _cpu_kernel(tiles, B * T):
+        return quant_cpu.rows(x, q, scale).reshape(B, T, V)  # float32
     rows = _tile_width(x.shape[-1], V) if tiles else V
     if rows == V:
         return _rows_dot(x, q, scale).reshape(B, T, V)

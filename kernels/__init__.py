@@ -3,6 +3,8 @@
 `attention` is the one entry point: it picks the backend from the platform (or takes one) and
 the kernel from the shape (one query per example: `decode_attention`; otherwise
 `flash_attention`). Masks are lazy (`TokenMask`: per-token vectors, see `masking`).
+`quant_cpu` (a submodule, not re-exported) is the CPU's one kernel: int8 / int4 matrix-vector
+products as a C++ XLA FFI custom call, compiled on first use (docs/quantization.md).
 This package imports neither `paligemma.ref` nor `paligemma.fast`. Design, block sizes and the
 compile checks: docs/kernels.md.
 """

@@ -4,8 +4,9 @@ The reference defines the formats (`ref.quant`): a quantized tree stands for
 `ref.quant.dequantize_tree(qtree)`, so fast on the quantized tree (float32) must give ref's float64
 logits on that tree within FAST_FLOAT32, the same bound as the float fast/ref parity: the int8
 scale moved after the dot and int4's tile-wise dequantization are float32 reassociations, nothing
-more. Both code paths are exercised: the plain dot (as on a mesh or an accelerator) and the tile
-loop (`TILE_BYTES` shrunk so that tiny models have many tiles).
+more. Every code path is exercised: the plain dot (as on a mesh or an accelerator), the tile
+loop (`TILE_BYTES` shrunk so that tiny models have many tiles), and for decoding's few rows the
+CPU kernel (`kernels.quant_cpu`) or, with `CPU_KERNEL` off, XLA's loop over row chunks.
 """
 
 import dataclasses
@@ -37,13 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 KEEPS = (rq.Keep(), rq.Keep(vision=True), rq.Keep(embedding=True, end_layers=1))
 
 
-TILE_CHOICES = {"plain": 1 << 40, "tiles": 64}  # no tiles, or 64-byte tiles: many loop steps on tiny models
+# (TILE_BYTES, CPU_KERNEL): no tiles, or 64-byte tiles (many loop steps on tiny models), with
+# decoding's products on `kernels.quant_cpu` (where it is built) or on XLA's tile loop.
+TILE_CHOICES = {"plain": (1 << 40, True), "tiles": (64, True), "xla-tiles": (64, False)}
 
 
-def _use_tiles(name):
-    """Sets `fast.quant.TILE_BYTES` for `name` in TILE_CHOICES; jit caches are cleared since it is
-    read while tracing. Returns the previous value."""
-    previous, fq.TILE_BYTES = fq.TILE_BYTES, TILE_CHOICES.get(name, name)
+def _use_tiles(choice):
+    """Sets `fast.quant.TILE_BYTES` and `CPU_KERNEL` to `choice` (a TILE_CHOICES name or a pair);
+    jit caches are cleared since both are read while tracing. Returns the previous pair."""
+    previous = (fq.TILE_BYTES, fq.CPU_KERNEL)
+    fq.TILE_BYTES, fq.CPU_KERNEL = TILE_CHOICES.get(choice, choice)
     jax.clear_caches()
     return previous
 
@@ -80,15 +84,16 @@ def test_matmul_and_logits_equal_numpy_on_the_dequantized_weight(case):
         qt, st_ = rq.quantize_int4(w.T, (-1,), group)
     expected = x @ deq  # [M, O]
     x32 = jnp.asarray(x, jnp.float32)
-    for size in (1 << 40, 64):  # plain, and tiles of one or a few columns
-        fq.TILE_BYTES = size
+    for choice in TILE_CHOICES.values():  # M <= FEW_ROWS: the CPU kernel, or XLA plain / tiles
+        previous = (fq.TILE_BYTES, fq.CPU_KERNEL)
+        fq.TILE_BYTES, fq.CPU_KERNEL = choice
         try:
             got = fq.matmul(x32, {"q": q, "scale": scale}, 1, tiles=True)
-            assert_close(got, expected, FAST_FLOAT32, f"{fmt} matmul, tile bytes {size}")
+            assert_close(got, expected, FAST_FLOAT32, f"{fmt} matmul, (tile bytes, CPU kernel) {choice}")
             got = fq.logits(x32[None], {"q": qt, "scale": st_}, tiles=True)[0]
-            assert_close(got, expected, FAST_FLOAT32, f"{fmt} logits, tile bytes {size}")
+            assert_close(got, expected, FAST_FLOAT32, f"{fmt} logits, (tile bytes, CPU kernel) {choice}")
         finally:
-            fq.TILE_BYTES = 1 << 20
+            fq.TILE_BYTES, fq.CPU_KERNEL = previous
     rows = fq.embed_rows({"q": qt, "scale": st_}, jnp.arange(O)[None], C)[0]  # [O, C]
     np.testing.assert_allclose(np.asarray(rows), deq.T, rtol=1e-6, atol=1e-6 * np.abs(deq).max())
 
@@ -102,7 +107,8 @@ def grouped_cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     w = rng.standard_normal((G, C, O)) * rng.uniform(0.01, 10, (G, 1, O))
     tile = draw(st.sampled_from([1 << 40, 4 * 64 * O, 64]))  # plain / one group per block / tiles
-    return rng.standard_normal((G, M, C)), w, draw(st.sampled_from(rq.FORMATS)), 16, tile
+    kernel = draw(st.booleans())  # M <= FEW_ROWS: the CPU kernel, or XLA's loop over row chunks
+    return rng.standard_normal((G, M, C)), w, draw(st.sampled_from(rq.FORMATS)), 16, (tile, kernel)
 
 
 @settings(max_examples=30)
@@ -115,12 +121,14 @@ def test_grouped_dot_equals_numpy_on_the_dequantized_weight(case):
     else:
         q, scale = rq.quantize_int4(w, (-2,), group)
         deq = rq.dequantize_int4(q, scale, w.shape, (-2,), np.float64)
-    previous, fq.TILE_BYTES = fq.TILE_BYTES, tile
+    previous = (fq.TILE_BYTES, fq.CPU_KERNEL)
+    fq.TILE_BYTES, fq.CPU_KERNEL = tile
     try:
         got = fq.grouped_dot(jnp.asarray(x, jnp.float32), q, scale, tiles=True)  # [G, M, O]
     finally:
-        fq.TILE_BYTES = previous
-    assert_close(got, np.einsum("GMC,GCO->GMO", x, deq), FAST_FLOAT32, f"{fmt} grouped dot, tile bytes {tile}")
+        fq.TILE_BYTES, fq.CPU_KERNEL = previous
+    assert_close(got, np.einsum("GMC,GCO->GMO", x, deq), FAST_FLOAT32,
+                 f"{fmt} grouped dot, (tile bytes, CPU kernel) {tile}")
 
 
 def _abstract_quantized_tree(config, fmt):
@@ -210,7 +218,7 @@ def test_fast_on_the_quantized_tree_equals_ref_on_the_dequantized_weights(tiles)
 @given(case=model_cases())
 def _fast_equals_ref(case):
     config, seed, fmt, keep, prompt = case
-    tiles = "tiles" if fq.TILE_BYTES < 1 << 20 else "plain"
+    tiles = ("tiles" if fq.TILE_BYTES < 1 << 20 else "plain") + ("" if fq.CPU_KERNEL else ", no CPU kernel")
     keep = dataclasses.replace(keep, end_layers=min(keep.end_layers, config.llm.depth // 2))
     params = ref.init_params(config, seed=seed, dtype=np.float64, random_norms=True)
     qtree = rq.quantize_tree(params, config, fmt, keep, group_size=16)
