@@ -32,10 +32,10 @@ namespace {
 
 typedef float f32x8 __attribute__((vector_size(32)));
 
-constexpr int64_t kRows = 8;     // contracted rows of q per pass over the accumulators
+// Block sizes (compile-time: the loops over rows unroll fully).
+constexpr int64_t kRows = 8;       // contracted rows of q per pass over the accumulators
+constexpr int64_t kBlock = 256;    // output channels converted per step (kRows x kBlock floats stay in L1)
 constexpr int64_t kAhead = 32768;  // bytes `rows` prefetches ahead of its reads
-constexpr int64_t kBlock = 256;  // output channels converted per step (kRows x kBlock floats stay in L1)
-
 
 inline f32x8 load_f32(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store_f32(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }

@@ -21,6 +21,9 @@ temporary file and renamed, so concurrent builds never see half a library. With 
 failed build, or `PALIGEMMA_CPU_KERNELS=0`, `available()` is False (the reason in
 `unavailable_reason()`) and callers use their XLA path.
 
+Block sizes are compile-time constants of the C++ (`kRows`, `kBlock`, `kAhead`, with the reason
+for each beside it), not a dataclass as in the Pallas kernels: the row loops unroll on them.
+
 Axes: G independent weights, M rows of x, Cp contracted length, O output channels, V vocabulary
 rows, S scale rows.
 """
