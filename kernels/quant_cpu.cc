@@ -96,6 +96,14 @@ inline void broadcast_rows(const float* x, int64_t rows, f32x8* xb) {
   for (int64_t r = 0; r < kRows; ++r) xb[r] = f32x8{} + (r < rows ? x[r] : 0.f);
 }
 
+// p[0] + ... + p[kRows - 1] as a tree (p is overwritten): a chain of kRows dependent adds would
+// bound the loops that call this.
+inline f32x8 pairwise_sum(f32x8* p) {
+  for (int64_t n = kRows / 2; n >= 1; n /= 2)
+    for (int64_t r = 0; r < n; ++r) p[r] += p[r + n];
+  return p[0];
+}
+
 // int4's inputs de-interleaved: [M, Cb] of x's even elements, then [M, Cb] of its odd ones.
 std::vector<float> split_even_odd(const float* x, int64_t M, int64_t Cb) {
   std::vector<float> xs(2 * M * Cb);
@@ -124,7 +132,7 @@ void columns_one_row(const float* x, int64_t C, const uint8_t* q, const float* s
     if (kInt4) broadcast_rows(xs.data() + Cb + c, rows, xo);
     const float* s = kInt4 ? scale + (c / group_bytes) * O + o0 : nullptr;
     for (int64_t j = 0; j < vec; j += 8) {
-      f32x8 p[kRows];  // summed pairwise, as in `accumulate`
+      f32x8 p[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
         if (kInt4) {
           f32x8 lo, hi;
@@ -134,9 +142,7 @@ void columns_one_row(const float* x, int64_t C, const uint8_t* q, const float* s
           p[r] = xe[r] * int8_to_f32(reinterpret_cast<const int8_t*>(row[r]) + j);
         }
       }
-      for (int64_t n = kRows / 2; n >= 1; n /= 2)
-        for (int64_t r = 0; r < n; ++r) p[r] += p[r + n];
-      const f32x8 sum = p[0];
+      const f32x8 sum = pairwise_sum(p);
       store_f32(acc.data() + j, load_f32(acc.data() + j) + (kInt4 ? sum * load_f32(s + j) : sum));
     }
     for (int64_t j = vec; j < width; ++j) {
@@ -189,11 +195,9 @@ inline void accumulate(float* acc, int64_t acc_stride, const float* x, int64_t x
     f32x8 xb[kRows];
     broadcast_rows(x + m * x_stride, rows, xb);
     for (int64_t j = 0; j < width; j += 8) {
-      f32x8 p[kRows];  // pairwise sums: a chain of kRows dependent adds would bound the loop
+      f32x8 p[kRows];
       for (int64_t r = 0; r < kRows; ++r) p[r] = xb[r] * load_f32(w[r] + j);
-      for (int64_t n = kRows / 2; n >= 1; n /= 2)
-        for (int64_t r = 0; r < n; ++r) p[r] += p[r + n];
-      store_f32(a + j, load_f32(a + j) + p[0]);
+      store_f32(a + j, load_f32(a + j) + pairwise_sum(p));
     }
   }
 }
