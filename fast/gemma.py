@@ -151,19 +151,25 @@ def apply_rope(x, positions, table):
 
 
 def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,
-              token_mask=None, window=None):
+              token_mask=None, window=None, queries_from=0):
     """Self-attention of one layer.
 
     Args:
       params: one layer of `attn`; x: [B, T, D]; positions: [B, T]; attn_mask: [B, T, S] bool.
+      queries_from: only positions >= this ask queries (keys and values come from all of x), so
+        the output has T - queries_from rows; the XLA attention only (no kv_cache, token_mask).
       rope: `rope_table(...)`.
       kv_cache: optional `(k_cache [B, S, K, H], v_cache [B, S, K, H], slot)`: the new keys and
         values are written at rows slot..slot+T and attention reads the whole cache.
       token_mask, window: the mask as per-token vectors and this layer's window, for the Pallas
         kernels (`fast.attention.attend`).
     Returns:
-      ([B, T, D], updated (k_cache, v_cache) or None).
+      ([B, T - queries_from, D], updated (k_cache, v_cache) or None).
     """
+    if queries_from and (kv_cache is not None or token_mask is not None):
+        raise ValueError("attention: queries_from needs the XLA path (no kv_cache, no token_mask)")
+    x_kv, kv_positions = x, positions
+    x, positions, attn_mask = x[:, queries_from:], positions[:, queries_from:], attn_mask[:, queries_from:]
     B, T, D = x.shape
     K, H, tiles = config.num_kv_heads, config.head_dim, quant.tiled(policy)
     w_q, w_kv = params["q_einsum"]["w"], params["kv_einsum"]["w"]  # [N, D, H], [2, K, D, H]
@@ -172,10 +178,11 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
     # einsum("BTD,NDH->BTNH") and einsum("BSD,KDH->BSKH") for k and v, as `_per_group`s.
     q = _group_dot(x, _base(w_q), tiles) + _lora_term(x, w_q, "q_einsum")  # [N, B, T, H]
     q = jnp.moveaxis(q, 0, 2)  # [B, T, N, H]
-    kv = _group_dot(x, kv_base, tiles) + _lora_term(x, w_kv, "kv_einsum", (2 * K, B, T, H))  # [2K, B, T, H]
-    k, v = jnp.moveaxis(kv[:K], 0, 2), jnp.moveaxis(kv[K:], 0, 2)  # [B, T, K, H] each
+    S = x_kv.shape[1]
+    kv = _group_dot(x_kv, kv_base, tiles) + _lora_term(x_kv, w_kv, "kv_einsum", (2 * K, B, S, H))  # [2K, B, S, H]
+    k, v = jnp.moveaxis(kv[:K], 0, 2), jnp.moveaxis(kv[K:], 0, 2)  # [B, S, K, H] each
     q = apply_rope(q, positions, rope) * jnp.asarray(config.query_scale, x.dtype)
-    k = apply_rope(k, positions, rope)
+    k = apply_rope(k, kv_positions, rope)
     updated = None
     if kv_cache is not None:
         k_cache, v_cache, slot = kv_cache
@@ -207,15 +214,17 @@ def mlp(params, x, policy: Policy = None):
 
 
 def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,
-          token_mask=None, window=None):
-    """One decoder layer; returns (x [B, T, D], updated cache or None)."""
+          token_mask=None, window=None, queries_from=0):
+    """One decoder layer; returns (x [B, T', D], updated cache or None): T' = T - queries_from,
+    the positions `attention(queries_from=...)` computes (keys and values from all T)."""
     eps = config.norm_eps
     h, updated = attention(params["attn"], rms_norm(x, params["pre_attention_norm"]["scale"], eps),
-                           positions, attn_mask, config, policy, rope, kv_cache, token_mask, window)  # [B, T, D]
+                           positions, attn_mask, config, policy, rope, kv_cache, token_mask, window,
+                           queries_from)  # [B, T', D]
     record("attn_out", h)
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
-    x = x + h
+    x = x[:, queries_from:] + h  # [B, T', D]
     h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps), policy))  # [B, T, D]
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
@@ -223,7 +232,7 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, 
 
 
 def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
-                local_mask=None, kv_cache=None, token_mask=None):
+                local_mask=None, kv_cache=None, token_mask=None, outputs_from=0):
     """All layers (scanned) and the final norm.
 
     Args:
@@ -232,24 +241,42 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
         `(k [L, B, S, K, H], v [L, B, S, K, H], slot)`; token_mask: the same masks as per-token
         vectors (`kernels.TokenMask`) for the Pallas kernels, which apply the window themselves
         (a runtime scalar: `kernels.NO_WINDOW` on global layers).
+      outputs_from: return only positions >= this (training: the text after the image). The
+        last layer then computes queries, attention output and MLP for those rows alone (its
+        keys and values still come from every position); the numbers are the same.
     Returns:
-      (pre-logits [B, T, D], updated (k, v) or None).
+      (pre-logits [B, T - outputs_from, D], updated (k, v) or None).
     """
     windowed = config.sliding_window is not None
 
-    def step(x, layer):
-        params_l, index, cache_l = layer
-        mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
-        window = jnp.where(index % 2 == 0, config.sliding_window, kernels.NO_WINDOW) if windowed else None
-        kv = None if cache_l is None else (*cache_l, kv_cache[2])
-        x, updated = block(params_l, x, positions, mask, config, policy, rope, kv, token_mask, window)
-        # On a mesh: examples split, width whole (after the output projections' all-reduce).
-        return sharding.constrain(x, policy.mesh, sharding.batch_spec(3)), updated  # [B, T, D]
+    def layer_step(queries_from):
+        def step(x, layer):
+            params_l, index, cache_l = layer
+            mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
+            window = jnp.where(index % 2 == 0, config.sliding_window, kernels.NO_WINDOW) if windowed else None
+            kv = None if cache_l is None else (*cache_l, kv_cache[2])
+            x, updated = block(params_l, x, positions, mask, config, policy, rope, kv, token_mask, window,
+                               queries_from)
+            # On a mesh: examples split, width whole (after the output projections' all-reduce).
+            return sharding.constrain(x, policy.mesh, sharding.batch_spec(3)), updated  # [B, T', D]
+        return jax.checkpoint(step) if policy.remat == "full" else step
 
-    if policy.remat == "full":
-        step = jax.checkpoint(step)
+    if outputs_from and (kv_cache is not None or token_mask is not None):
+        raise ValueError("transformer: outputs_from needs the XLA path (no kv_cache, no token_mask)")
+    step = layer_step(0)
     caches = None if kv_cache is None else (kv_cache[0], kv_cache[1])
-    parts, segments = [], layer_segments(params)  # each segment's updated (k, v)
+    segments = layer_segments(params)
+    if outputs_from:  # the last layer apart, asking queries from `outputs_from` on
+        *segments, (layers, start) = segments
+        depth = start + _count(layers)
+        if isinstance(layers, (list, tuple)):
+            head, last = layers[:-1], layers[-1]
+        else:
+            head = jax.tree_util.tree_map(lambda w: w[:-1], layers)
+            last = jax.tree_util.tree_map(lambda w: w[-1], layers)
+        if depth - 1 > start:
+            segments.append((head, start))
+    parts = []  # each segment's updated (k, v)
     for layers, start in segments:
         if isinstance(layers, (list, tuple)):  # per-layer buffers (`unstack_layers`), unrolled
             updates = []
@@ -260,11 +287,14 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
                 updates.append(update)
             parts.append(None if caches is None else tuple(jnp.stack(u) for u in zip(*updates)))
         else:
-            n = len(jax.tree_util.tree_leaves(layers)[0])
+            n = _count(layers)
             seg_caches = caches if caches is None or len(segments) == 1 else (
                 caches[0][start:start + n], caches[1][start:start + n])
             x, update = jax.lax.scan(step, x, (layers, jnp.arange(start, start + n), seg_caches))
             parts.append(update)
+    if outputs_from:
+        with capture.scope(capture.block_name("llm", depth - 1)):
+            x, _ = layer_step(outputs_from)(x, (last, jnp.int32(depth - 1), None))  # [B, T - outputs_from, D]
     updated = None if caches is None else (
         parts[0] if len(parts) == 1 else tuple(jnp.concatenate(u) for u in zip(*parts)))  # [L, B, S, K, H] each
     return record("llm/final_norm", rms_norm(x, params["final_norm"]["scale"], config.norm_eps)), updated
@@ -281,8 +311,13 @@ def layer_segments(llm):
         if name in llm:
             layers = llm[name]
             out.append((layers, start))
-            start += len(layers) if isinstance(layers, (list, tuple)) else len(jax.tree_util.tree_leaves(layers)[0])
+            start += _count(layers)
     return out
+
+
+def _count(layers):
+    """Number of layers in a segment (per-layer tuple or stacked tree)."""
+    return len(layers) if isinstance(layers, (list, tuple)) else len(jax.tree_util.tree_leaves(layers)[0])
 
 
 def unstack_layers(params):

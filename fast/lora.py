@@ -109,26 +109,33 @@ def attach(llm_layers, adapters, scale):
 
 
 def transformer(params, adapters, scale, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
-                local_mask=None):
+                local_mask=None, outputs_from=0):
     """`paligemma.fast.gemma.transformer` (no KV cache) with the adapters applied beside the frozen
     weights (`attach`), one layer at a time.
 
     Args:
       params: the `llm` subtree (stacked layers); adapters: `init_adapters`'s tree; scale: alpha / rank;
-      the rest as `gemma.transformer`.
+      the rest as `gemma.transformer` (outputs_from: its last layer asks queries from there on).
     Returns:
-      pre-logits [B, T, D].
+      pre-logits [B, T - outputs_from, D].
     """
     windowed = config.sliding_window is not None
 
-    def step(x, layer):
-        params_l, adapters_l, index = layer
-        params_l = attach(params_l, adapters_l, scale)
-        mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
-        x, _ = gemma.block(params_l, x, positions, mask, config, policy, rope)
-        return x, None
+    def layer_step(queries_from):
+        def step(x, layer):
+            params_l, adapters_l, index = layer
+            params_l = attach(params_l, adapters_l, scale)
+            mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
+            x, _ = gemma.block(params_l, x, positions, mask, config, policy, rope, queries_from=queries_from)
+            return x, None
+        return jax.checkpoint(step) if policy.remat == "full" else step
 
-    if policy.remat == "full":
-        step = jax.checkpoint(step)
-    x, _ = jax.lax.scan(step, x, (params["layers"], adapters, jnp.arange(config.depth)))
+    layers, depth = (params["layers"], adapters), config.depth
+    if outputs_from:  # the last layer apart (see gemma.transformer)
+        last = jax.tree_util.tree_map(lambda w: w[-1], layers)
+        layers, depth = jax.tree_util.tree_map(lambda w: w[:-1], layers), depth - 1
+    if depth:
+        x, _ = jax.lax.scan(layer_step(0), x, (*layers, jnp.arange(depth)))
+    if outputs_from:
+        x, _ = layer_step(outputs_from)(x, (*last, jnp.int32(depth)))  # [B, T - outputs_from, D]
     return gemma.rms_norm(x, params["final_norm"]["scale"], config.norm_eps)

@@ -211,12 +211,15 @@ def model_pre_logits(trainable, frozen, images, text, mask_ar, model_config: Pal
     attn_mask, local_mask, positions = prefix_lm_masks(model_config, full_mask, full_ar)
     g = model_config.llm
     rope = gemma.rope_table(x.shape[1], g.head_dim, g.rope_base)
+    text_from = x.shape[1] - tokens.shape[1]  # after P or F x P image tokens
+    # Only the text's outputs are needed: the last layer skips the image rows' queries and MLP.
     if config.trainable == "lora":
         pre = lora.transformer(params["llm"], trainable, config.lora_scale, x, positions, attn_mask, g, policy,
-                               rope, local_mask)
+                               rope, local_mask, outputs_from=text_from)
     else:
-        pre, _ = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask)
-    return pre[:, x.shape[1] - tokens.shape[1]:], params  # [B, T, D] (after P or F x P image tokens)
+        pre, _ = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask,
+                                   outputs_from=text_from)
+    return pre, params  # [B, T, D]
 
 
 def model_logits(trainable, frozen, images, text, mask_ar, model_config: PaliGemmaConfig, config: TrainConfig):

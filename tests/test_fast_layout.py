@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,3 +132,71 @@ def test_bfloat16_weights_are_not_converted_all_at_once():
         sampler=ref.decode.Sampler()).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 0.5 * f32_bytes, (temp, f32_bytes)  # measured: 0.24 (with hoisting: 1.11)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.data())
+def test_outputs_from_computes_the_rows_the_whole_transformer_computes(data):
+    """Training asks only the text's pre-logits (`outputs_from`): the last layer then skips the
+    other rows' queries and MLP. Values and gradients equal the full transformer's, sliced."""
+    config = data.draw(configs(vocab_size=32))
+    g = config.llm
+    B, T = data.draw(st.integers(1, 2)), data.draw(st.integers(2, 9))
+    start = data.draw(st.integers(1, T - 1))
+    params = _params32(config, data.draw(st.integers(0, 1000)))
+    if data.draw(st.booleans(), label="per-layer buffers"):
+        params = fast.unstack_layers(params)
+    policy = fast.Policy(remat=data.draw(st.sampled_from(["none", "full"])))
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    x = jnp.asarray(rng.normal(size=(B, T, g.width)), jnp.float32)
+    mask_ar = jnp.asarray(rng.integers(0, 2, (B, T)), jnp.int32)
+    attn_mask, local_mask, positions = fast.model.prefix_lm_masks(config, jnp.ones((B, T), bool), mask_ar)
+    rope = fast_gemma.rope_table(T, g.head_dim, g.rope_base)
+    weights = jnp.asarray(rng.normal(size=(B, T - start, g.width)), jnp.float32)
+
+    def loss(llm, x, outputs_from):
+        pre, _ = fast_gemma.transformer(llm, x, positions, attn_mask, g, policy, rope, local_mask,
+                                        outputs_from=outputs_from)
+        pre = pre[:, start - outputs_from:]  # [B, T - start, D] either way
+        return (pre * weights).sum(), pre
+
+    (_, want), want_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params["llm"], x, 0)
+    (_, got), got_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params["llm"], x, start)
+    assert got.shape == (B, T - start, g.width)
+    assert_close(np.asarray(got), np.asarray(want), FLOAT32_REORDERED, "outputs_from: pre-logits", 0.0)
+    for (path, w), (_, v) in zip(jax.tree_util.tree_leaves_with_path(want_grads),
+                                 jax.tree_util.tree_leaves_with_path(got_grads)):
+        np.testing.assert_allclose(np.asarray(v), np.asarray(w), rtol=2e-4, atol=2e-5 * float(np.abs(w).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_lora_outputs_from_equals_the_sliced_lora_transformer():
+    from paligemma.fast import lora
+
+    config = ref.get_config("tiny-paligemma2")
+    g, B, T, start = config.llm, 2, 7, 3
+    params = _params32(config, 5)
+    adapters = jax.tree_util.tree_map(lambda a: a + 0.05, lora.init_adapters(params["llm"]["layers"], 2, seed=1))
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(B, T, g.width)), jnp.float32)
+    attn_mask, local_mask, positions = fast.model.prefix_lm_masks(config, jnp.ones((B, T), bool),
+                                                                  jnp.asarray([[0, 0, 0, 1, 1, 1, 1]] * B))
+    rope = fast_gemma.rope_table(T, g.head_dim, g.rope_base)
+    run = lambda outputs_from: lora.transformer(params["llm"], adapters, 0.5, x, positions, attn_mask, g,  # noqa: E731
+                                                fast.Policy(), rope, local_mask, outputs_from=outputs_from)
+    want, got = np.asarray(run(0))[:, start:], np.asarray(run(start))
+    assert got.shape == want.shape
+    assert_close(got, want, FLOAT32_REORDERED, "lora outputs_from", 0.0)
+
+
+def test_outputs_from_refuses_a_kv_cache():
+    config = ref.get_config("tiny-paligemma")
+    params = _params32(config, 0)
+    g, B, T = config.llm, 1, 4
+    x = jnp.zeros((B, T, g.width), jnp.float32)
+    attn_mask, local_mask, positions = fast.model.prefix_lm_masks(config, jnp.ones((B, T), bool), jnp.ones((B, T), jnp.int32))
+    cache = jnp.zeros((g.depth, B, T, g.num_kv_heads, g.head_dim), jnp.float32)
+    with pytest.raises(ValueError, match="outputs_from"):
+        fast_gemma.transformer(params["llm"], x, positions, attn_mask, g, fast.Policy(),
+                               fast_gemma.rope_table(T, g.head_dim, g.rope_base), local_mask,
+                               kv_cache=(cache, cache, 0), outputs_from=2)
