@@ -57,13 +57,14 @@ def _padded(x, Cp):
 @st.composite
 def cases(draw):
     """(x [G, M, C], w [G, C, O], fmt, group): C and O off the 8-wide vectors, int4 groups of 2-128
-    elements (1-64 bytes: shorter than, equal to and longer than one 8-row pass), O up to 300
+    elements (1-64 bytes: shorter than, equal to and longer than one 8-row pass; 32 and 64 bytes
+    take `rows`' whole-chunk path), O up to 300
     (several 64-channel work items, split between threads mid-weight), M from 1 to 16."""
     G, M = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16]))
     C, O = draw(st.sampled_from([2, 6, 17, 32, 48, 130])), draw(st.sampled_from([1, 7, 8, 65, 129, 300]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     w = rng.standard_normal((G, C, O)) * rng.uniform(0.01, 10, (G, 1, O))
-    return rng.standard_normal((G, M, C)), w, draw(st.sampled_from(rq.FORMATS)), draw(st.sampled_from([2, 6, 16, 128]))
+    return rng.standard_normal((G, M, C)), w, draw(st.sampled_from(rq.FORMATS)), draw(st.sampled_from([2, 6, 16, 64, 128]))
 
 
 @settings(max_examples=60, deadline=None)
