@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("quant_cpu.cc")
+PARTS = (SOURCE, SOURCE.with_name("quant_cpu_lanes.h"))  # what the build reads (and its cache key hashes)
 TARGETS = {("int8", "columns"): "PaligemmaInt8Columns", ("int4", "columns"): "PaligemmaInt4Columns",
            ("int8", "rows"): "PaligemmaInt8Rows", ("int4", "rows"): "PaligemmaInt4Rows"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -74,7 +75,7 @@ def _build(compiler):
     import jaxlib  # its version keys the cache: the FFI ABI comes from its headers
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [SOURCE.read_text(), jaxlib.__version__, version, _cpu_flags(), " ".join(FLAGS)]
+    parts = [*(part.read_text() for part in PARTS), jaxlib.__version__, version, _cpu_flags(), " ".join(FLAGS)]
     key = hashlib.sha256("\n".join(parts).encode())
     target = cache_dir() / f"quant_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
