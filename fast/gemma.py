@@ -156,13 +156,13 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
 
     Args:
       params: one layer of `attn`; x: [B, T, D]; positions: [B, T]; attn_mask: [B, T, S] bool.
-      queries_from: only positions >= this ask queries (keys and values come from all of x), so
-        the output has T - queries_from rows; the XLA attention only (no kv_cache, token_mask).
       rope: `rope_table(...)`.
       kv_cache: optional `(k_cache [B, S, K, H], v_cache [B, S, K, H], slot)`: the new keys and
         values are written at rows slot..slot+T and attention reads the whole cache.
       token_mask, window: the mask as per-token vectors and this layer's window, for the Pallas
         kernels (`fast.attention.attend`).
+      queries_from: only positions >= this ask queries (keys and values come from all of x), so
+        the output has T - queries_from rows; the XLA attention only (no kv_cache, token_mask).
     Returns:
       ([B, T - queries_from, D], updated (k_cache, v_cache) or None).
     """
@@ -225,7 +225,7 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, 
     if config.post_norms:
         h = rms_norm(h, params["post_attention_norm"]["scale"], eps)
     x = x[:, queries_from:] + h  # [B, T', D]
-    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps), policy))  # [B, T, D]
+    h = record("mlp_out", mlp(params["mlp"], rms_norm(x, params["pre_ffw_norm"]["scale"], eps), policy))  # [B, T', D]
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
     return record("out", x + h), updated
