@@ -292,12 +292,24 @@ inline void row_block(const std::vector<float>& xs, int64_t M, int64_t Cb, int64
       out[(m0 + m) * V + vs[v]] = lanes_sum(total[v][m]) * (kInt4 ? 1.f : scale[vs[v]]);
 }
 
+// The rows [v0, v1) as 4 quarters read side by side (4 memory streams: one sequential stream reads
+// at about 2/3 of the bandwidth here): four(vs) for vs = the i-th row of each quarter, then
+// one(v) for each row the quarters leave over.
+template <class Four, class One>
+void by_quarters(int64_t v0, int64_t v1, Four four, One one) {
+  const int64_t quarter = (v1 - v0) / 4;
+  for (int64_t i = 0; i < quarter; ++i) {
+    const int64_t vs[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i, v0 + 3 * quarter + i};
+    four(vs);
+  }
+  for (int64_t v = v0 + 4 * quarter; v < v1; ++v) one(v);
+}
+
 #include "quant_cpu_lanes.h"  // rows_int4_lanes
 
 // Rows [v0, v1) of x [M, C] @ q^T, q [V, C] int8 with scale [V, 1], or q [V, Cb] int4 with
-// scale [V, S]: out [M, V]. The range is cut into 4 quarters read side by side (4 memory streams:
-// one sequential stream reads at about 2/3 of the bandwidth here); each row of q is read from
-// memory once, and blocks of 4 rows of x after the first find it in the cache.
+// scale [V, S]: out [M, V], `by_quarters`; each row of q is read from memory once, and blocks of
+// 4 rows of x after the first find it in the cache.
 template <bool kInt4>
 void rows(const float* x, int64_t M, int64_t C, const uint8_t* q, const float* scale, int64_t S,
           int64_t V, int64_t v0, int64_t v1, float* out) {
@@ -306,18 +318,16 @@ void rows(const float* x, int64_t M, int64_t C, const uint8_t* q, const float* s
   if (kInt4 && group_bytes % 32 == 0) return rows_int4_lanes(x, M, C, q, scale, S, V, v0, v1, out);
 #endif
   const std::vector<float> xs = kInt4 ? split_even_odd(x, M, Cb) : std::vector<float>(x, x + M * C);
-  const int64_t quarter = (v1 - v0) / 4;
-  for (int64_t i = 0; i < quarter; ++i) {
-    const int64_t vs[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i, v0 + 3 * quarter + i};
+  by_quarters(v0, v1, [&](const int64_t* vs) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
       row_block<kInt4, 2, 4>(xs, M, Cb, m, q, scale, S, group_bytes, V, vs, out);
       row_block<kInt4, 2, 4>(xs, M, Cb, m, q, scale, S, group_bytes, V, vs + 2, out);
     }
     for (; m < M; ++m) row_block<kInt4, 4, 1>(xs, M, Cb, m, q, scale, S, group_bytes, V, vs, out);
-  }
-  for (int64_t v = v0 + 4 * quarter; v < v1; ++v)
+  }, [&](int64_t v) {
     for (int64_t m = 0; m < M; ++m) row_block<kInt4, 1, 1>(xs, M, Cb, m, q, scale, S, group_bytes, V, &v, out);
+  });
 }
 
 ffi::Error bad(const char* what) { return ffi::Error::InvalidArgument(what); }

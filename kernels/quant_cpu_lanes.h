@@ -1,6 +1,6 @@
-// Part of quant_cpu.cc, included inside its anonymous namespace (it uses f32x8, lanes_sum and
-// kAhead from there): the int4 `rows` path for groups of whole 32-byte chunks, kept apart to
-// keep each file short. AVX2 only; quant_cpu.cc falls back to its generic loop without it.
+// Part of quant_cpu.cc, included inside its anonymous namespace (it uses f32x8, lanes_sum, kAhead
+// and by_quarters from there): the int4 `rows` path for groups of whole 32-byte chunks, kept apart
+// to keep each file short. AVX2 only; quant_cpu.cc falls back to its generic loop without it.
 
 #if defined(__AVX2__)
 // int4 `rows` when a group is whole 32-byte chunks (G a multiple of 64: every released model).
@@ -63,24 +63,20 @@ inline void lane_block(const LaneInputs& in, int64_t Cb, int64_t m0, const uint8
     }
 }
 
-// `rows<true>` by lane_block, over the same quarters.
+// `rows<true>` by lane_block, `by_quarters` as `rows`.
 void rows_int4_lanes(const float* x, int64_t M, int64_t C, const uint8_t* q, const float* scale, int64_t S,
                      int64_t V, int64_t v0, int64_t v1, float* out) {
-  const int64_t Cb = C / 2, quarter = (v1 - v0) / 4;
+  const int64_t Cb = C / 2;
   const LaneInputs in = lane_inputs(x, M, Cb, S);
-  for (int64_t i = 0; i < quarter; ++i) {
-    const int64_t vs[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i, v0 + 3 * quarter + i};
-    if (M == 1) {
-      lane_block<4, 1>(in, Cb, 0, q, scale, S, V, vs, out);
-      continue;
-    }
+  by_quarters(v0, v1, [&](const int64_t* vs) {
+    if (M == 1) return lane_block<4, 1>(in, Cb, 0, q, scale, S, V, vs, out);
     for (int j = 0; j < 4; ++j) {
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) lane_block<1, 4>(in, Cb, m, q, scale, S, V, vs + j, out);
       for (; m < M; ++m) lane_block<1, 1>(in, Cb, m, q, scale, S, V, vs + j, out);
     }
-  }
-  for (int64_t v = v0 + 4 * quarter; v < v1; ++v)
+  }, [&](int64_t v) {
     for (int64_t m = 0; m < M; ++m) lane_block<1, 1>(in, Cb, m, q, scale, S, V, &v, out);
+  });
 }
 #endif
