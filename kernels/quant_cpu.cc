@@ -86,6 +86,19 @@ void parallel_ranges(int64_t n, int64_t grain, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
+// The rows [v0, v1) as 4 quarters read side by side (4 memory streams: one sequential stream reads
+// at about 2/3 of the bandwidth here): four(vs) for vs = the i-th row of each quarter, then
+// one(v) for each row the quarters leave over.
+template <class Four, class One>
+void by_quarters(int64_t v0, int64_t v1, Four four, One one) {
+  const int64_t quarter = (v1 - v0) / 4;
+  for (int64_t i = 0; i < quarter; ++i) {
+    const int64_t vs[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i, v0 + 3 * quarter + i};
+    four(vs);
+  }
+  for (int64_t v = v0 + 4 * quarter; v < v1; ++v) one(v);
+}
+
 // The contracted rows of q one pass covers: up to kRows, never past the end or a group's end.
 inline int64_t pass_rows(int64_t c, int64_t Cb, int64_t group_bytes) {
   return std::min({kRows, Cb - c, (c / group_bytes + 1) * group_bytes - c});
@@ -115,6 +128,8 @@ std::vector<float> split_even_odd(const float* x, int64_t M, int64_t Cb) {
   return xs;
 }
 
+#include "quant_cpu_avx512.h"  // rows_int4_table, columns_pass_wide
+
 // One row of x (decoding at batch 1): each pass converts kRows rows of q in registers and adds
 // them into acc [width] at once, so the weight is read once and nothing the size of it is written.
 template <bool kInt4>
@@ -131,7 +146,13 @@ void columns_one_row(const float* x, int64_t C, const uint8_t* q, const float* s
     broadcast_rows(kInt4 ? xs.data() + c : x + c, rows, xe);
     if (kInt4) broadcast_rows(xs.data() + Cb + c, rows, xo);
     const float* s = kInt4 ? scale + (c / group_bytes) * O + o0 : nullptr;
-    for (int64_t j = 0; j < vec; j += 8) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    j = width / 16 * 16;
+    columns_pass_wide<kInt4>(kInt4 ? xs.data() + c : x + c, kInt4 ? xs.data() + Cb + c : nullptr, rows, row, s, j,
+                             acc.data());
+#endif
+    for (; j < vec; j += 8) {
       f32x8 p[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
         if (kInt4) {
@@ -145,7 +166,7 @@ void columns_one_row(const float* x, int64_t C, const uint8_t* q, const float* s
       const f32x8 sum = pairwise_sum(p);
       store_f32(acc.data() + j, load_f32(acc.data() + j) + (kInt4 ? sum * load_f32(s + j) : sum));
     }
-    for (int64_t j = vec; j < width; ++j) {
+    for (j = vec; j < width; ++j) {
       float sum = 0.f;
       for (int64_t r = 0; r < rows; ++r)
         sum += kInt4 ? xs[c + r] * low_nibble(row[r][j]) + xs[Cb + c + r] * high_nibble(row[r][j])
@@ -292,19 +313,6 @@ inline void row_block(const std::vector<float>& xs, int64_t M, int64_t Cb, int64
       out[(m0 + m) * V + vs[v]] = lanes_sum(total[v][m]) * (kInt4 ? 1.f : scale[vs[v]]);
 }
 
-// The rows [v0, v1) as 4 quarters read side by side (4 memory streams: one sequential stream reads
-// at about 2/3 of the bandwidth here): four(vs) for vs = the i-th row of each quarter, then
-// one(v) for each row the quarters leave over.
-template <class Four, class One>
-void by_quarters(int64_t v0, int64_t v1, Four four, One one) {
-  const int64_t quarter = (v1 - v0) / 4;
-  for (int64_t i = 0; i < quarter; ++i) {
-    const int64_t vs[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i, v0 + 3 * quarter + i};
-    four(vs);
-  }
-  for (int64_t v = v0 + 4 * quarter; v < v1; ++v) one(v);
-}
-
 #include "quant_cpu_lanes.h"  // rows_int4_lanes
 
 // Rows [v0, v1) of x [M, C] @ q^T, q [V, C] int8 with scale [V, 1], or q [V, Cb] int4 with
@@ -314,6 +322,9 @@ template <bool kInt4>
 void rows(const float* x, int64_t M, int64_t C, const uint8_t* q, const float* scale, int64_t S,
           int64_t V, int64_t v0, int64_t v1, float* out) {
   const int64_t Cb = kInt4 ? C / 2 : C, group_bytes = kInt4 ? Cb / S : Cb;
+#if defined(__AVX512F__)
+  if (kInt4 && group_bytes % 64 == 0) return rows_int4_table(x, M, C, q, scale, S, V, v0, v1, out);
+#endif
 #if defined(__AVX2__)
   if (kInt4 && group_bytes % 32 == 0) return rows_int4_lanes(x, M, C, q, scale, S, V, v0, v1, out);
 #endif
@@ -386,3 +397,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt8Columns, ColumnsImpl<false>, PALIGEMM
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt4Columns, ColumnsImpl<true>, PALIGEMMA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt8Rows, RowsImpl<false>, PALIGEMMA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt4Rows, RowsImpl<true>, PALIGEMMA_BIND);
+
+// Which of the loops above this build runs (for `quant_cpu.built_isa()`): 2 AVX-512, 1 AVX2, 0 neither.
+extern "C" int PaligemmaQuantIsa() {
+#if defined(__AVX512F__)
+  return 2;
+#elif defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -21,6 +21,11 @@ temporary file and renamed, so concurrent builds never see half a library. With 
 failed build, or `PALIGEMMA_CPU_KERNELS=0`, `available()` is False (the reason in
 `unavailable_reason()`) and callers use their XLA path.
 
+Instruction sets: `quant_cpu.cc` has portable loops for every shape, AVX2 loops, and AVX-512 ones
+(`quant_cpu_avx512.h`: int4 through a 16-entry table of floats, see there) for the shapes decoding
+uses; the build takes the widest the machine has (`built_isa()`). `PALIGEMMA_KERNEL_ISA=avx2` or
+`baseline` builds a narrower library, so the tests can hold every path to NumPy on one machine.
+
 Block sizes are compile-time constants of the C++ (`kRows`, `kBlock`, `kAhead`, with the reason
 for each beside it), not a dataclass as in the Pallas kernels: the row loops unroll on them.
 
@@ -41,10 +46,15 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("quant_cpu.cc")
-PARTS = (SOURCE, SOURCE.with_name("quant_cpu_lanes.h"))  # what the build reads (and its cache key hashes)
+PARTS = (SOURCE, SOURCE.with_name("quant_cpu_lanes.h"), SOURCE.with_name("quant_cpu_avx512.h"))  # what the build reads (and its cache key hashes)
 TARGETS = {("int8", "columns"): "PaligemmaInt8Columns", ("int4", "columns"): "PaligemmaInt4Columns",
            ("int8", "rows"): "PaligemmaInt8Rows", ("int4", "rows"): "PaligemmaInt4Rows"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# `PALIGEMMA_KERNEL_ISA` builds for less than the machine has, so that one machine can test each
+# path of quant_cpu.cc: "native" (the default: AVX-512 where there is one), "avx2" (the AVX2 loops,
+# as on a machine without AVX-512), "baseline" (the portable loops). The last two: x86 only.
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "baseline": ("-mno-avx2",)}
+ISA_NAMES = {2: "avx512", 1: "avx2", 0: "baseline"}  # what `PaligemmaQuantIsa` returns -> `built_isa()`
 
 
 def cache_dir():
@@ -70,12 +80,20 @@ def _cpu_flags():
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
+def _flags():
+    isa = os.environ.get("PALIGEMMA_KERNEL_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"PALIGEMMA_KERNEL_ISA={isa!r}: expected one of {', '.join(ISA_FLAGS)}")
+    return FLAGS + ISA_FLAGS[isa]
+
+
 def _build(compiler):
     """Path of the compiled library, building it if the cache lacks it."""
     import jaxlib  # its version keys the cache: the FFI ABI comes from its headers
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [*(part.read_text() for part in PARTS), jaxlib.__version__, version, _cpu_flags(), " ".join(FLAGS)]
+    flags = _flags()
+    parts = [*(part.read_text() for part in PARTS), jaxlib.__version__, version, _cpu_flags(), " ".join(flags)]
     key = hashlib.sha256("\n".join(parts).encode())
     target = cache_dir() / f"quant_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -84,7 +102,7 @@ def _build(compiler):
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -97,24 +115,31 @@ def _build(compiler):
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    """(True, "") once the library is built and its targets registered, else (False, reason)."""
+    """(library, "") once it is built and its targets registered, else (None, reason)."""
     if os.environ.get("PALIGEMMA_CPU_KERNELS", "1") == "0":
-        return False, "disabled by PALIGEMMA_CPU_KERNELS=0"
+        return None, "disabled by PALIGEMMA_CPU_KERNELS=0"
     compiler = _compiler()
     if compiler is None:
-        return False, "no C++ compiler ($CXX, g++ or c++) on PATH"
+        return None, "no C++ compiler ($CXX, g++ or c++) on PATH"
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         for name in TARGETS.values():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return False, f"building {SOURCE.name} failed: {e}"
-    return True, ""
+        return None, f"building {SOURCE.name} failed: {e}"
+    return lib, ""
 
 
 def available():
     """Whether the kernels can run: the default backend is the CPU and the library is built."""
-    return jax.default_backend() == "cpu" and _load()[0]
+    return jax.default_backend() == "cpu" and _load()[0] is not None
+
+
+def built_isa():
+    """The widest instruction set the library's loops use: "avx512", "avx2" or "baseline"."""
+    if not available():
+        raise RuntimeError(f"quant_cpu: the CPU kernels are unavailable: {unavailable_reason()}")
+    return ISA_NAMES[_load()[0].PaligemmaQuantIsa()]
 
 
 def unavailable_reason():

@@ -12,6 +12,8 @@ instead of skipping, so CI cannot silently fall back to the XLA path.
 
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +41,28 @@ def _require_kernel():
 def test_the_kernel_builds_here():
     _require_kernel()
     assert quant_cpu.unavailable_reason() == ""
+    isa = os.environ.get("PALIGEMMA_KERNEL_ISA")
+    if isa in ("avx2", "baseline"):  # set by test_the_narrower_builds_hold_too
+        assert quant_cpu.built_isa() == isa
+    elif "avx512f" in quant_cpu._cpu_flags().split():
+        assert quant_cpu.built_isa() == "avx512"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_the_narrower_builds_hold_too(isa, tmp_path):
+    """Machines without AVX-512 run quant_cpu.cc's AVX2 loops, and machines without AVX2 its portable
+    ones: this file's build and parity tests again, in a process whose library is built for `isa`
+    (`PALIGEMMA_KERNEL_ISA`), where this CPU has more (else the native build above is that build)."""
+    _require_kernel()
+    wider = {"avx2": "avx512f", "baseline": "avx2"}[isa]
+    if platform.machine() not in ("x86_64", "AMD64") or wider not in quant_cpu._cpu_flags().split():
+        pytest.skip(f"no {wider} here: the native build already is the {isa} one")
+    env = {**os.environ, "PALIGEMMA_KERNEL_ISA": isa, "PALIGEMMA_KERNEL_CACHE": str(tmp_path),
+           "PALIGEMMA_REQUIRE_CPU_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "builds_here or equal_numpy"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert re.search(r"^3 passed", out.stdout, re.M), out.stdout[-2000:]
 
 
 def _quantized(w, fmt, group, axis):
