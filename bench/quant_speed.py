@@ -86,6 +86,7 @@ class QuantImpl(FastImpl):
         import jax
         import jax.numpy as jnp
         from paligemma.fast import decode, gemma
+        from paligemma.fast.model import NO_WEIGHT_HOISTING, converts_weights
         images, tokens, mask_ar, input_mask = self.batch_inputs(batch)
         cache, _, token = self._prefill(self.params, images, tokens.astype(np.int32), mask_ar.astype(np.int32),
                                         input_mask, config=self.config, policy=self.policy,
@@ -94,8 +95,11 @@ class QuantImpl(FastImpl):
             g = self.config.llm
             rope = gemma.rope_table(self.config.vision.num_patches + tokens.shape[1] + self.args.new_tokens,
                                     g.head_dim, g.rope_base)
+            # compiled as `fast.generate` compiles it (bfloat16's layer scan would otherwise convert
+            # every layer's weights before the first, each step)
+            options = NO_WEIGHT_HOISTING if converts_weights(self.params) else None
             self._extend = jax.jit(functools.partial(decode.extend, config=self.config, policy=self.policy,
-                                                     rope=rope), donate_argnames=("cache",))
+                                                     rope=rope), donate_argnames=("cache",), compiler_options=options)
         times = []
         for _ in range(min(self.args.steps + 1, self.args.new_tokens - 1)):  # the first: compilation / warm-up
             t0 = time.perf_counter()
