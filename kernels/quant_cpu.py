@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("quant_cpu.cc")
-PARTS = (SOURCE, SOURCE.with_name("quant_cpu_lanes.h"), SOURCE.with_name("quant_cpu_avx512.h"))  # what the build reads (and its cache key hashes)
+PARTS = (SOURCE, *(SOURCE.with_name(f"quant_cpu_{part}.h") for part in ("rows", "lanes", "avx512")))  # what the build reads
 TARGETS = {("int8", "columns"): "PaligemmaInt8Columns", ("int4", "columns"): "PaligemmaInt4Columns",
            ("int8", "rows"): "PaligemmaInt8Rows", ("int4", "rows"): "PaligemmaInt4Rows"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")

@@ -1,6 +1,6 @@
-// Part of quant_cpu.cc, included inside its anonymous namespace (it uses f32x8, lanes_sum, kAhead
-// and by_quarters from there): the int4 `rows` path for groups of whole 32-byte chunks, kept apart
-// to keep each file short. AVX2 only; quant_cpu.cc falls back to its generic loop without it.
+// Part of quant_cpu.cc (included by quant_cpu_rows.h, inside the anonymous namespace; it uses
+// f32x8, lanes_sum, kAhead and by_quarters from there): the int4 `rows` path for groups of whole
+// 32-byte chunks, kept apart to keep each file short. AVX2 only; `rows` falls back to its generic loop.
 
 #if defined(__AVX2__)
 // int4 `rows` when a group is whole 32-byte chunks (G a multiple of 64: every released model).
