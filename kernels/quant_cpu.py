@@ -26,7 +26,7 @@ Instruction sets: `quant_cpu.cc` has portable loops for every shape, AVX2 loops,
 uses; the build takes the widest the machine has (`built_isa()`). `PALIGEMMA_KERNEL_ISA=avx2` or
 `baseline` builds a narrower library, so the tests can hold every path to NumPy on one machine.
 
-Block sizes are compile-time constants of the C++ (`kRows`, `kBlock`, `kAhead`, with the reason
+Block sizes are compile-time constants of the C++ (`kRows`, `kBlock`, `kAhead`, `kShortRow`, with the reason
 for each beside it), not a dataclass as in the Pallas kernels: the row loops unroll on them.
 
 Axes: G independent weights, M rows of x, Cp contracted length, O output channels, V vocabulary
