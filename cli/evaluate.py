@@ -15,12 +15,13 @@ import json
 import os
 import sys
 
+from .common import DTYPES, IMPLS, PREPROCESS, StatusLines, check_file, positive_int
+
 TASKS = ("caption", "vqa", "vqav2", "chartqa", "detect", "segment")  # paligemma.ref.scoring.TASKS
 
 
 def add_parser(commands, usage_error):
     """Registers `evaluate` on the `paligemma` subcommands; `usage_error` is the CLI's UsageError."""
-    from .main import DTYPES, IMPLS, PREPROCESS, _positive_int
     from .media import DEFAULT_FRAMES, DEFAULT_STRIDE
     from .tasks import CONVENTIONS
 
@@ -33,11 +34,11 @@ def add_parser(commands, usage_error):
     e.add_argument("--task", required=True, choices=TASKS, help="which metric and ground-truth keys")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for predictions.jsonl and metrics.json")
     e.add_argument("--vae", metavar="PATH", help="mask VQ-VAE (.npz, vae-oid.npz layout): needed for --task segment")
-    e.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
-    e.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    e.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    e.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
     e.add_argument("--image-root", metavar="DIR", help="folder the JSONL's paths are relative to (default: its own)")
-    e.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES, metavar="F", help="frames per video line")
-    e.add_argument("--stride", type=_positive_int, default=DEFAULT_STRIDE, metavar="N", help="video frame stride")
+    e.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, metavar="F", help="frames per video line")
+    e.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE, metavar="N", help="video frame stride")
     e.add_argument("--convention", choices=CONVENTIONS, default="big_vision", help="loc de-quantisation")
     e.add_argument("--impl", choices=IMPLS, default="fast")
     e.add_argument("--dtype", choices=DTYPES, default="float32", help="float64: --impl ref only")
@@ -62,17 +63,16 @@ def _vae_decoder(args):
 
 def run_evaluate(args, usage_error):
     """The `evaluate` command. Returns the exit status."""
-    from .main import StatusLines, _check_file
 
     if args.impl == "fast" and args.dtype == "float64":
         raise usage_error("--dtype float64 needs --impl ref (the JAX implementation runs float32 or bfloat16)")
     if args.task == "segment" and args.vae is None:
         raise usage_error("--task segment needs --vae PATH (the mask VQ-VAE, e.g. big_vision's vae-oid.npz)")
-    _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
-    _check_file(args.tokenizer, "--tokenizer")
-    _check_file(args.data, "--data")
+    check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    check_file(args.tokenizer, "--tokenizer")
+    check_file(args.data, "--data")
     if args.vae is not None:
-        _check_file(args.vae, "--vae")
+        check_file(args.vae, "--vae")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise usage_error(f"--out {args.out}: exists and is not a directory")
 

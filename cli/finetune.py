@@ -13,6 +13,8 @@ their `file:line` (exit 2) unless `--skip-bad-lines`.
 
 import sys
 
+from .common import check_file
+
 # (flag, TrainConfig field, type, help); every one defaults to None = TrainConfig's default.
 _FLAGS = [
     ("--steps", "steps", int, "optimizer steps"),
@@ -86,7 +88,6 @@ def _given(args):
 
 def run_finetune(args, usage_error):
     """The `finetune` command. Returns the exit status."""
-    from paligemma.cli.main import _check_file
 
     given = _given(args)
     export = () if args.no_export else ("npz", "hf")
@@ -105,11 +106,11 @@ def run_finetune(args, usage_error):
     missing = [f"--{n}" for n in ("checkpoint", "tokenizer", "train", "out") if getattr(args, n) is None]
     if missing:
         raise usage_error(f"missing {', '.join(missing)} (or --resume DIR)")
-    _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
-    _check_file(args.tokenizer, "--tokenizer")
-    _check_file(args.train, "--train")
+    check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    check_file(args.tokenizer, "--tokenizer")
+    check_file(args.train, "--train")
     if args.val:
-        _check_file(args.val, "--val")
+        check_file(args.val, "--val")
     from paligemma.fast.finetune import finetune
     from paligemma.fast.train import TrainConfig
 

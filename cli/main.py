@@ -15,86 +15,21 @@ unreadable files, a tokenizer that does not fit the checkpoint) exit with status
 on stderr; `--debug` adds the traceback.
 """
 
-import argparse
-import contextlib
 import json
-import os
 import sys
-import time
 import traceback
 
+from .common import DTYPES, IMPLS, PREPROCESS, Parser, StatusLines, UsageError, check_file, positive_int
 from .tasks import add_arguments as add_task_arguments
 from .tasks import check_arguments as check_task_arguments
 from .tasks import task_outputs
 from .media import add_arguments as add_media_arguments
 from .media import check_arguments as check_media_arguments
 
-# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
-IMPLS = ("fast", "ref")
-DTYPES = ("float32", "bfloat16", "float64")
-PREPROCESS = ("big_vision", "hf")
-
-
-class UsageError(ValueError):
-    """A bad command line found after parsing (conflicting flags, missing files)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (status 2), no usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class StatusLines:
-    """Timed progress on a stream, used as `with status("loading checkpoint"): ...`.
-
-    Args:
-      stream: where to write (stderr).
-      enabled: False writes nothing.
-    On a terminal a stage shows as "stage ..." while it runs and is completed in place with
-    its time; elsewhere (a log, a pipe) only one line per finished stage is written.
-    """
-
-    def __init__(self, stream, enabled=True):
-        self.stream, self.enabled = stream, enabled
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
-
-    @contextlib.contextmanager
-    def __call__(self, stage):
-        if not self.enabled:
-            yield
-            return
-        if self.tty:
-            self._write(f"{stage} ...")
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            if self.tty:
-                self._write(" failed\n")
-            raise
-        elapsed = time.perf_counter() - start
-        self._write(f" done in {elapsed:.2f} s\n" if self.tty else f"paligemma: {stage}: {elapsed:.2f} s\n")
-
-    def _write(self, text):
-        self.stream.write(text)
-        self.stream.flush()
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
 
 def build_parser():
     """The argument parser of the `paligemma` command. Returns `argparse.ArgumentParser`."""
-    parser = _Parser(prog="paligemma", description="PaliGemma and PaliGemma 2 from the command line.")
+    parser = Parser(prog="paligemma", description="PaliGemma and PaliGemma 2 from the command line.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="generate text for images and prompts",
                             description="Generate text for each (image, prompt) pair: equal numbers of "
@@ -107,7 +42,7 @@ def build_parser():
     g.add_argument("--impl", choices=IMPLS, default="fast", help="JAX (compiled) or the NumPy reference")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="float64: --impl ref only")
     g.add_argument("--preprocess", choices=PREPROCESS, default="big_vision", help="image resize convention")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
     g.add_argument("--seed", type=int, default=0, metavar="N")
     g.add_argument("--mesh", metavar="SPEC", help="split the model over devices, e.g. data=2,model=4 "
                                                    "(axes data, fsdp, model; docs/scaling.md)")
@@ -175,24 +110,9 @@ def sampler_spec(args):
     return spec
 
 
-def _check_file(path, flag, directory_ok=False):
-    """Raises UsageError unless `path` is a readable file (or a directory, if allowed)."""
-    if directory_ok and os.path.isdir(path):
-        return
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory, expected a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
-
-
 def _check_inputs(args):
     """Checks counts and files before anything slow runs."""
-    check_media_arguments(args, UsageError, _check_file)
+    check_media_arguments(args, UsageError, check_file)
     n_images, n_prompts = len(args.image), len(args.prompt)
     if n_images > 1 and n_prompts > 1 and n_images != n_prompts:
         raise UsageError(f"{n_images} --image and {n_prompts} --prompt: give equal numbers, or one of either")
@@ -204,13 +124,13 @@ def _check_inputs(args):
         from paligemma.fast import sharding
 
         sharding.parse_mesh(args.mesh, sharding.INFERENCE_AXES)  # a bad spec fails before the checkpoint is read
-    _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
-    _check_file(args.tokenizer, "--tokenizer")
-    check_task_arguments(args, UsageError, _check_file)
+    check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    check_file(args.tokenizer, "--tokenizer")
+    check_task_arguments(args, UsageError, check_file)
     from paligemma.ref import load_image
 
     for path in [] if args.media else args.image:
-        _check_file(path, "--image")
+        check_file(path, "--image")
         load_image(path)  # decode now (ImageError) rather than after a long checkpoint load
 
 

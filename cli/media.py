@@ -12,20 +12,21 @@ F), nor combined with detection/segmentation output (--draw, detect / segment pr
 reads one image.
 """
 
+from .common import positive_int
+
 DEFAULT_FRAMES, DEFAULT_STRIDE = 16, 9  # the PaliGemma video transfers (MSR-VTT, ActivityNet, ...)
 
 
 def add_arguments(parser):
     """Adds --images, --video, --frames and --stride to the `generate` parser."""
-    from .main import _positive_int  # imported here: cli/main imports this module
     m = parser.add_argument_group("video and multi-image prompts (instead of --image)")
     m.add_argument("--images", action="append", metavar="A,B,...",
                    help="several images (comma-separated) in ONE prompt; repeat for a batch")
     m.add_argument("--video", action="append", metavar="FILE",
                    help="a video's frames in one prompt; repeat for a batch")
-    m.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES, metavar="F",
+    m.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, metavar="F",
                    help=f"frames sampled from each --video (default {DEFAULT_FRAMES})")
-    m.add_argument("--stride", type=_positive_int, default=DEFAULT_STRIDE, metavar="N",
+    m.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE, metavar="N",
                    help=f"take every N-th frame, from frame 0 (default {DEFAULT_STRIDE})")
 
 

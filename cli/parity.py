@@ -14,8 +14,9 @@ marks the first), 2 for a usage error or an unreadable file. docs/porting.md wal
 import json
 import sys
 
+from .common import PREPROCESS, check_file
+
 CHECK_DTYPES = ("float32", "bfloat16", "float16", "float64")
-PREPROCESS = ("big_vision", "hf")
 
 
 def add_parser(commands, usage_error):
@@ -62,7 +63,6 @@ def add_parser(commands, usage_error):
 
 def run_golden(args, usage_error):
     """`parity golden`. Returns the exit status."""
-    from paligemma.cli.main import _check_file
     from paligemma.parity import golden
 
     named = [f"--{n}" for n in ("tokenizer", "image", "prompt") if getattr(args, n) is not None]
@@ -74,7 +74,7 @@ def run_golden(args, usage_error):
         if min(args.batch, args.text_len) < 1:
             raise usage_error(f"--batch and --text-len must be >= 1, got {args.batch} and {args.text_len}")
         if args.checkpoint:
-            _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+            check_file(args.checkpoint, "--checkpoint", directory_ok=True)
         acts = golden.from_random(args.config, args.checkpoint, args.seed, args.batch, args.text_len, args.probs)
     else:
         missing = [f"--{n}" for n in ("checkpoint", "tokenizer", "image", "prompt") if getattr(args, n) is None]
@@ -82,9 +82,9 @@ def run_golden(args, usage_error):
             raise usage_error(f"missing {', '.join(missing)} (or --random)")
         if args.config:
             raise usage_error("--config goes with --random; a checkpoint brings its own config")
-        _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
-        _check_file(args.tokenizer, "--tokenizer")
-        _check_file(args.image, "--image")
+        check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+        check_file(args.tokenizer, "--tokenizer")
+        check_file(args.image, "--image")
         acts = golden.from_checkpoint(args.checkpoint, args.tokenizer, args.image, args.prompt, args.suffix,
                                       args.preprocess, args.probs)
     golden.write(args.out, acts, overwrite=args.overwrite)

@@ -11,6 +11,8 @@ and written one slice at a time, so a bfloat16 checkpoint never needs its float3
 import os
 import sys
 
+from .common import StatusLines, check_file
+
 FORMATS = ("int8", "int4")  # spelled out (they mirror paligemma.ref.quant) for an instant --help
 
 
@@ -36,11 +38,10 @@ def add_parser(commands, usage_error):
 
 def run_quantize(args, usage_error):
     """The `quantize` command. Returns the exit status."""
-    from paligemma.cli.main import StatusLines, _check_file
     from paligemma.ref.quant import Keep
     from paligemma.ref.quantfile import quantize_file
 
-    _check_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    check_file(args.checkpoint, "--checkpoint", directory_ok=True)
     if not args.out.endswith(".safetensors"):
         raise usage_error(f"--out {args.out}: expected a file name ending in .safetensors")
     if args.group_size < 2 or args.group_size % 2:
