@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: demo test install tpu-env clean
+.PHONY: demo test install tpu-env clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ tpu-env: $(TPU_STAMP)
 demo: $(STAMP)
 	$(PY) -m paligemma.cli demo
 
-test: $(STAMP) $(TPU_STAMP)
+# Debian's Chromium and its driver, for the tests that drive a real headless browser (Selenium).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+test: $(STAMP) $(TPU_STAMP) browser
 	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 $(PY) -m pytest -q -n 2 tests
 
 clean:

@@ -74,6 +74,8 @@ def build_parser():
     add_quantize(commands, UsageError)
     from .evaluate import add_parser as add_evaluate
     add_evaluate(commands, UsageError)
+    from .serve import add_parser as add_serve
+    add_serve(commands, UsageError)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""`paligemma serve`: an HTTP server with an OpenAI-compatible API and a page to try it (docs/serving.md).
+
+    paligemma serve                                   # the embedded demo model on http://127.0.0.1:8000/
+    paligemma serve --checkpoint pt-224.npz --tokenizer tok.model --vae vae-oid.npz --dtype bfloat16 \\
+                    --slots 16 --port 8080
+
+With no --checkpoint it serves the embedded demo model (and its mask VAE), so it works on a fresh
+machine. The model compiles and answers one warm-up request before the port opens, so the first
+client does not wait for compilation. SIGTERM (or Ctrl-C) stops accepting connections, finishes
+the requests in flight and exits 0.
+"""
+
+import signal
+import sys
+
+from .common import StatusLines, positive_int
+
+DEMO_ID = "paligemma-demo"
+
+
+def add_parser(commands, usage_error):
+    """Adds the `serve` subcommand to `commands` (argparse subparsers)."""
+    s = commands.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API and a web page)",
+                            description=__doc__.splitlines()[0])
+    s.add_argument("--checkpoint", metavar="PATH", help="default: the embedded demo model")
+    s.add_argument("--tokenizer", metavar="PATH", help="default: the embedded demo tokenizer")
+    s.add_argument("--vae", metavar="PATH", help="mask VQ-VAE for segment masks; default with the demo model: its VAE")
+    s.add_argument("--model-name", metavar="NAME", help="the id clients name (default: the checkpoint's file name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=positive_int, default=8, metavar="N", help="requests decoded together")
+    s.add_argument("--max-seq", type=positive_int, metavar="N", help="tokens per slot (image + prompt + answer)")
+    s.add_argument("--queue", type=positive_int, default=64, metavar="N",
+                   help="requests that may wait for a slot; more get 429 with Retry-After")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--quantize", choices=("int8", "int4"), help="quantize the weights on load")
+    s.add_argument("--mesh", metavar="SPEC", help="split the model over devices, e.g. data=2,model=4")
+    s.add_argument("--max-image-bytes", type=positive_int, default=10 * 2**20, metavar="N",
+                   help="largest encoded image accepted (default 10 MiB)")
+    s.add_argument("--max-image-pixels", type=positive_int, default=50_000_000, metavar="N",
+                   help="images with more pixels are refused from their header (decompression bombs)")
+    s.add_argument("--max-images", type=positive_int, default=8, metavar="N", help="images per request")
+    s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="largest max_tokens accepted")
+    s.add_argument("--quiet", action="store_true", help="no progress or request log on stderr")
+    s.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    s.set_defaults(run=lambda args: run_serve(args, usage_error))
+
+
+def _files(args, usage_error):
+    """(checkpoint, tokenizer, vae, model id) with the embedded demo model's files as defaults."""
+    import os
+
+    from .demo import _asset
+
+    if (args.checkpoint is None) != (args.tokenizer is None):
+        raise usage_error("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
+    checkpoint = args.checkpoint or _asset("demo-model.npz")
+    tokenizer = args.tokenizer or _asset("demo-tokenizer.model")
+    vae = args.vae or (None if args.checkpoint else _asset("demo-vae.npz"))
+    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae, "--vae")):
+        if path is not None and not os.path.exists(path):
+            raise usage_error(f"{flag} {path}: no such file")
+    name = args.model_name or (os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
+                               if args.checkpoint else DEMO_ID)
+    return checkpoint, tokenizer, vae, name
+
+
+def _warm_up(model, engine):
+    """One request through the engine, so that compilation happens before clients come."""
+    import numpy as np
+
+    size = model.config.vision.image_size
+    stream = engine.submit(model.request(np.zeros((size, size, 3), np.uint8), "caption en", max_new_tokens=2))
+    stream.result(timeout=600)
+
+
+def run_serve(args, usage_error):
+    """The `serve` command. Returns the exit status (0 after a SIGTERM or Ctrl-C)."""
+    if not 0 <= args.port <= 65535:
+        raise usage_error(f"--port {args.port}: expected 0..65535")
+    try:
+        import uvicorn
+    except ImportError:
+        raise usage_error("paligemma serve needs the serve extra: pip install 'paligemma[serve]'") from None
+    checkpoint, tokenizer, vae_path, model_id = _files(args, usage_error)
+    if args.mesh is not None:
+        from paligemma.fast import sharding
+
+        sharding.parse_mesh(args.mesh, sharding.INFERENCE_AXES)
+    from paligemma.fast.pipeline import PaliGemma
+    from paligemma.serve.app import build_app
+    from paligemma.serve.inputs import Limits
+
+    status = StatusLines(sys.stderr, enabled=not args.quiet)
+    model = PaliGemma.load(checkpoint, tokenizer, dtype=args.dtype, progress=status, mesh=args.mesh,
+                           quantize=args.quantize)
+    vae = None
+    if vae_path is not None:
+        from paligemma.fast.vqvae import load_vae
+
+        with status("loading mask VAE"):
+            vae = load_vae(vae_path)
+    engine = model.engine(slots=args.slots, max_seq=args.max_seq, max_queue=args.queue)
+    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                    max_images=args.max_images, max_tokens=args.max_tokens,
+                    default_max_tokens=min(64, args.max_tokens))
+    app = build_app(model, engine, model_id, limits, vae, start_engine=False)
+    engine.start()
+    with status("compiling (warm-up request)"):
+        _warm_up(model, engine)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                            access_log=not args.quiet, timeout_graceful_shutdown=120)
+    if not args.quiet:
+        print(f"paligemma: serving {model_id} on http://{args.host}:{args.port}/ ({args.slots} slots)",
+              file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, then the app's shutdown
+    # drains the engine) and afterwards re-raises the signal: a no-op handler makes that exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(config).run()
+    return 0
