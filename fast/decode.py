@@ -21,7 +21,7 @@ from paligemma.ref.model import num_image_tokens
 
 from . import gemma, sharding
 from .mask import sliding_window
-from .model import embed_image_and_text, jit_model, prefix_lm_masks
+from .model import embed_image_and_text, jit_model, join_image_and_text, prefix_lm_masks
 from .policy import FLOAT32, Policy
 
 
@@ -36,7 +36,7 @@ class KVCache(NamedTuple):
     valid: jax.Array  # [B, S] bool
     positions: jax.Array  # [B, S] int32
     lengths: jax.Array  # [B] int32: real tokens so far = position of the next token
-    next_slot: jax.Array  # [] int32
+    next_slot: jax.Array  # [] int32, or [B] when each example writes at its own row (`fast.engine`)
 
     def select(self, rows):
         """A cache whose example b is example `rows[b]` of this one (beam reordering)."""
@@ -44,10 +44,17 @@ class KVCache(NamedTuple):
                        self.lengths[rows], self.next_slot)
 
 
-def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, max_new_tokens, policy, rope):
-    """Runs the prompt and fills the cache; returns (cache, logits [B, V] after each last real token)."""
+def prefill(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask, max_new_tokens, policy, rope,
+            image_tokens=None):
+    """Runs the prompt and fills the cache; returns (cache, logits [B, V] after each last real token).
+
+    image_tokens: `embed_images`' output [B, P, D] computed earlier (then `images` is unused).
+    """
     g, mesh = config.llm, policy.mesh
-    x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
+    if image_tokens is None:
+        x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
+    else:
+        x, full_mask, full_ar = join_image_and_text(params, config, image_tokens, tokens, mask_ar, input_mask, policy)
     x = sharding.constrain(x, mesh, sharding.batch_spec(3))  # [B, N, D]
     B, N, _ = x.shape
     S = N + max_new_tokens
@@ -77,8 +84,8 @@ def extend(params, config: PaliGemmaConfig, cache: KVCache, tokens, policy, rope
     x = sharding.constrain(x, mesh, sharding.batch_spec(3))  # [B, 1, D]
     slot = cache.next_slot
     positions = cache.lengths[:, None]  # [B, 1]
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, jnp.ones((len(tokens), 1), bool), slot, axis=1)
-    key_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, slot, axis=1)
+    valid = gemma.write_rows(cache.valid, jnp.ones((len(tokens), 1), bool), slot)  # [B, S]
+    key_positions = gemma.write_rows(cache.positions, positions, slot)  # [B, S]
     attn_mask = valid[:, None, :]  # [B, 1, S]
     local_mask = sliding_window(attn_mask, positions, key_positions, g.sliding_window)
     token_mask = None

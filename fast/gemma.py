@@ -150,6 +150,17 @@ def apply_rope(x, positions, table):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def write_rows(cache, new, slot):
+    """`cache` [B, S, ...] with `new` [B, T, ...] written at rows slot..slot+T of axis 1.
+
+    `slot` is one index for every example (`generate`: all prompts prefilled together) or one
+    per example, [B] (`fast.engine`: each slot of the pool is at its own length).
+    """
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=1)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(cache, new, slot)
+
+
 def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope, kv_cache=None,
               token_mask=None, window=None, queries_from=0):
     """Self-attention of one layer.
@@ -158,7 +169,8 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
       params: one layer of `attn`; x: [B, T, D]; positions: [B, T]; attn_mask: [B, T, S] bool.
       rope: `rope_table(...)`.
       kv_cache: optional `(k_cache [B, S, K, H], v_cache [B, S, K, H], slot)`: the new keys and
-        values are written at rows slot..slot+T and attention reads the whole cache.
+        values are written at rows slot..slot+T (`slot` [] or [B], see `write_rows`) and
+        attention reads the whole cache.
       token_mask, window: the mask as per-token vectors and this layer's window, for the Pallas
         kernels (`fast.attention.attend`).
       queries_from: only positions >= this ask queries (keys and values come from all of x), so
@@ -186,8 +198,8 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
     updated = None
     if kv_cache is not None:
         k_cache, v_cache, slot = kv_cache
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+        k_cache = write_rows(k_cache, k.astype(k_cache.dtype), slot)  # [B, S, K, H]
+        v_cache = write_rows(v_cache, v.astype(v_cache.dtype), slot)
         updated = (k_cache, v_cache)
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)  # [B, S, K, H]
     enc = attend(q, k, v, attn_mask, config.attn_logits_softcap, policy, token_mask, window)  # [B, T, N, H]

@@ -46,8 +46,14 @@ def embed_image_and_text(params, config: PaliGemmaConfig, images, tokens, mask_a
     Returns:
       x [B, P+T, D], input_mask [B, P+T] bool, mask_ar [B, P+T] int32.
     """
-    table = params["llm"]["embedder"]["input_embedding"]
     zimg = embed_images(params["img"], config, images, policy)  # [B, P, D]
+    return join_image_and_text(params, config, zimg, tokens, mask_ar, input_mask, policy)
+
+
+def join_image_and_text(params, config: PaliGemmaConfig, zimg, tokens, mask_ar, input_mask, policy: Policy):
+    """`embed_image_and_text` from image tokens already computed by `embed_images` ([B, P, D]),
+    e.g. cached by content (`fast.engine`). Same returns."""
+    table = params["llm"]["embedder"]["input_embedding"]
     if config.legacy_image_scaling:
         zimg = legacy_image_scaling(zimg, quant.float_dtype(table))
     ztxt = gemma.embed_tokens(params["llm"]["embedder"], tokens, policy.dtype, config.llm.width)  # [B, T, D]
@@ -83,11 +89,12 @@ def converts_weights(params):
         jnp.dtype(leaf.dtype) != jnp.float32 for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "dtype"))
 
 
-def jit_model(fn, static_argnames):
+def jit_model(fn, static_argnames, donate_argnames=()):
     """`jax.jit(fn)` for a function whose first argument is the parameters; compiled without
     weight hoisting (`NO_WEIGHT_HOISTING`) where `converts_weights(params)`."""
-    plain = jax.jit(fn, static_argnames=static_argnames)
-    no_hoisting = jax.jit(fn, static_argnames=static_argnames, compiler_options=NO_WEIGHT_HOISTING)
+    plain = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
+    no_hoisting = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames,
+                          compiler_options=NO_WEIGHT_HOISTING)
     pick = lambda params: no_hoisting if converts_weights(params) else plain  # noqa: E731
 
     @functools.wraps(fn)

@@ -39,6 +39,7 @@ from paligemma.ref.params import flatten, tree_map
 
 from . import sharding
 from .decode import generate as fast_generate
+from .engine import Engine, Request
 from .gemma import unstack_layers
 from .quant import check_tree
 from .policy import BFLOAT16, FLOAT32
@@ -316,6 +317,20 @@ class PaliGemma:
         out = self._run(pixels, prompt, max_new_tokens, sampler, seed)
         results = [_result(self.tokenizer, t, lp, self.config.eos_id) for t, lp in zip(out.tokens, out.logprobs)]
         return results if batched else results[0]
+
+    def request(self, images, prompt, max_new_tokens=32, sampler="greedy", seed=0, stop_ids=()):
+        """One `fast.engine.Request`: the image(s) preprocessed and the prompt tokenised as
+        `generate` does them (an inner list of images, or frames, make ONE multi-image prompt)."""
+        pixels = load_item(images, self.config.vision.image_size, self.preprocess)  # [R, R, 3] or [F, R, R, 3]
+        prompt = self.tokenizer.prompt(prompt)
+        return Request(pixels, prompt.tokens, prompt.mask_ar, max_new_tokens, sampler, seed, tuple(stop_ids))
+
+    def engine(self, slots=8, max_seq=None, **options):
+        """A continuous-batching `fast.engine.Engine` over this model (its parameters, dtype and
+        mesh); `options`: the Engine's other arguments (image_cache, max_queue, prefill_sizes)."""
+        if self.impl != "fast":
+            raise ValueError("engine: needs impl='fast' (the engine runs the compiled JAX model)")
+        return Engine(self.params, self.config, slots, max_seq, _FAST_POLICIES[self.dtype], self.mesh, **options)
 
     def _run(self, pixels, prompt, max_new_tokens, sampler, seed):
         """One batched `generate` call of the chosen implementation: a `Generation`."""

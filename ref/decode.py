@@ -19,7 +19,7 @@ import numpy as np
 from . import gemma
 from .config import PaliGemmaConfig
 from .mask import sliding_window
-from .model import embed_image_and_text, prefix_lm_masks, validate_inputs
+from .model import embed_image_and_text, num_image_tokens, prefix_lm_masks, validate_inputs
 from .ops import compute_dtype, log_softmax, softmax
 
 
@@ -207,11 +207,23 @@ class Generation(NamedTuple):
         return np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1) + 1, self.tokens.shape[1])
 
 
+CONTEXT = 8192  # positions every PaliGemma language model (Gemma 1 and 2) was trained for
+
+
+def check_context(positions, what, error=ValueError):
+    """Raises `error` naming both numbers when `positions` exceed the language model's context."""
+    if positions > CONTEXT:
+        raise error(f"{what} = {positions} positions, more than the language model's context of {CONTEXT}")
+
+
 def validate_generate_args(config, images, tokens, mask_ar, input_mask, max_new_tokens, sampler):
     """`validate_inputs` plus the decoding arguments; returns the arrays and a `Sampler`."""
     images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    P = num_image_tokens(config, images.shape)
+    check_context(P + tokens.shape[1] + max_new_tokens,
+                  f"prompt: {P} image tokens + {tokens.shape[1]} text tokens + {max_new_tokens} new tokens")
     empty = np.flatnonzero(~input_mask.any(axis=1))
     if empty.size:
         raise ValueError(f"input_mask: expected at least one real token per example, got none in examples {empty.tolist()}")

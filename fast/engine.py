@@ -1,0 +1,449 @@
+"""Continuous batching: many requests at once, each answered exactly as if it ran alone.
+
+    engine = Engine(params, config, slots=8, max_seq=512)        # or `fast.PaliGemma.engine(...)`
+    engine.start()                                               # a background thread schedules
+    stream = engine.submit(Request(pixels, prompt_ids, max_new_tokens=32, sampler="nucleus(0.9)", seed=7))
+    for event in stream:                                         # or `async for event in stream.aiter()`
+        print(event.token, event.logprob)
+    stream.result()                                              # Completion(tokens, logprobs, finish_reason)
+
+The pool: `slots` decode rows share one KV cache [L, B, S, K, H] (B = slots, S = max_seq). Each
+iteration of the scheduler (`step`) first admits waiting requests into free slots (one prefill
+for several arrivals that share a shape: the same number of images, the prompt length rounded up
+to a bucket), then advances every active slot by one token with ONE compiled decode step. A slot
+whose request ends (EOS, a stop id, max_new_tokens, a cancel) takes the next waiting request at
+the next iteration, without recompiling and without waiting for the others.
+
+Why batching never changes an answer:
+- rows never meet: attention, masks, positions and sampling are all per row;
+- admission overwrites a slot's whole cache row (keys, values, validity and positions of all S
+  columns), so nothing of the previous request stays visible;
+- a request's random stream is `PRNGKey(seed)` split once per token, as `fast.generate` does
+  for that request alone: it depends on the request's seed only, never on its slot or neighbours;
+- decode writes each row at its own length (`gemma.write_rows`), right after the prompt's real
+  tokens: the bucket's padding columns are invalid until a generated token overwrites them.
+What may differ is float rounding (a batch of 8 rows can sum in another order than a batch of
+1), which `tests/test_engine.py` bounds with `parity/tolerances.py`. Beam search is not served
+here: its beams would share one request's rows; use `fast.generate`.
+
+Compiled programs (docs/serving.md): one decode step; one admission per (prefill batch size in
+`prefill_sizes`, image count, text bucket); one image encoder per image count.
+
+Axes: B slots, S cache columns, L layers, K kv heads, H head dim, V vocabulary, P image tokens,
+T text tokens, D width.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paligemma.ref.config import PaliGemmaConfig
+from paligemma.ref.decode import check_context, parse_sampler
+from paligemma.ref.model import num_image_tokens
+
+from . import gemma, sharding
+from .decode import CACHE_ALIGNMENT, KVCache, extend, prefill
+from .model import embed_images, jit_model
+from .policy import FLOAT32, Policy
+from .stream import Completion, Stream, Token
+
+__all__ = ["Engine", "Request", "Stream", "Token", "Completion", "AdmissionError", "QueueFull"]
+
+GREEDY, TEMPERATURE, TOP_K, NUCLEUS = range(4)
+SAMPLER_KINDS = {"greedy": GREEDY, "temperature": TEMPERATURE, "top_k": TOP_K, "nucleus": NUCLEUS}
+MIN_TEXT_BUCKET = 16
+
+
+class AdmissionError(ValueError):
+    """A request the engine can never serve (too long, malformed); raised by `submit`, before any work."""
+
+
+class QueueFull(RuntimeError):
+    """`max_queue` requests are waiting already; try again later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation.
+
+    images: float [R, R, 3] in [-1, 1] (`ref.preprocess`), or [F, R, R, 3] for several images or
+      a video's frames in one prompt (F x P image tokens).
+    tokens: int [T], the prompt `[BOS] prefix "\\n"` (+ a forced suffix) without padding.
+    mask_ar: int [T], 0 = prefix (bidirectional), 1 = suffix (causal); None = all prefix.
+    sampler: "greedy", "temperature(t)", "top_k(k[, t])", "nucleus(p[, t])" or a `Sampler`.
+    stop_ids: token ids that end the answer (included in it) besides EOS.
+    """
+
+    images: Any
+    tokens: Any
+    mask_ar: Any = None
+    max_new_tokens: int = 32
+    sampler: Any = "greedy"
+    seed: int = 0
+    stop_ids: tuple = ()
+
+
+# --- The compiled programs ------------------------------------------------------------------
+
+
+def sample_rows(logits, kinds, temperature, top_k, top_p, keys):
+    """Each row's next token by its own sampler and random stream: [B, V] -> ([B], new keys [B, 2]).
+
+    Row b computes what `fast.decode.sample` computes for that request alone (same cut rules,
+    same `categorical` on a [1, V] row), so seeded answers are the same tokens. The sort that
+    top-k and nucleus need runs only when some row asks for it.
+    """
+    B, V = logits.shape
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+    keys, subs = pairs[:, 0], pairs[:, 1]
+    scaled = logits / temperature[:, None]  # [B, V]
+
+    def cut(scaled):
+        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
+        kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)  # [B, 1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)  # [B, V]
+        inside = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1), V - 1)  # [B]
+        nucleus = jnp.take_along_axis(ordered, inside[:, None], axis=-1)  # [B, 1]
+        threshold = jnp.where(kinds[:, None] == TOP_K, kth, jnp.where(kinds[:, None] == NUCLEUS, nucleus, -jnp.inf))
+        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    scaled = jax.lax.cond(jnp.any((kinds == TOP_K) | (kinds == NUCLEUS)), cut, lambda s: s, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(subs, scaled)  # [B]
+    return jnp.where(kinds == GREEDY, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32), keys
+
+
+def _choose(logits, samplers, keys):
+    """(tokens [B], their log-probabilities [B], new keys) from logits [B, V]."""
+    tokens, keys = sample_rows(logits, *samplers, keys)
+    logp = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(len(tokens)), tokens]  # [B]
+    return tokens, logp, keys
+
+
+def _encode(params, images, config, policy):
+    return embed_images(params["img"], config, images, policy)  # [1, F*P, D]
+
+
+def _admit(params, cache, rows, image_tokens, tokens, mask_ar, input_mask, samplers, keys, config, policy):
+    """Prefills b requests and writes them into cache rows `rows` [b] (out of range: dropped)."""
+    S = cache.valid.shape[1]
+    N = image_tokens.shape[1] + tokens.shape[1]
+    rope = gemma.rope_table(S, config.llm.head_dim, config.llm.rope_base)
+    new, logits = prefill(params, config, None, tokens, mask_ar, input_mask, S - N, policy, rope,
+                          image_tokens=image_tokens)  # new: [L, b, S, K, H], logits [b, V]
+    put = lambda full, part, axis: full.at[(slice(None),) * axis + (rows,)].set(part, mode="drop")  # noqa: E731
+    # Decoding writes each row after its real tokens (left-aligned), over the bucket's padding.
+    cache = KVCache(put(cache.k, new.k, 1), put(cache.v, new.v, 1), put(cache.valid, new.valid, 0),
+                    put(cache.positions, new.positions, 0), put(cache.lengths, new.lengths, 0),
+                    put(cache.next_slot, new.lengths, 0))
+    return (cache, *_choose(logits, samplers, keys))
+
+
+def _decode(params, cache, tokens, active, samplers, keys, config, policy):
+    """One token for every slot: the active ones advance, the free ones are left as they were."""
+    rope = gemma.rope_table(cache.valid.shape[1], config.llm.head_dim, config.llm.rope_base)
+    new, logits = extend(params, config, cache, tokens, policy, rope)  # logits [B, V]
+    cache = new._replace(lengths=jnp.where(active, new.lengths, cache.lengths),
+                         next_slot=jnp.where(active, new.next_slot, cache.next_slot))
+    tokens, logp, new_keys = _choose(logits, samplers, keys)
+    return cache, tokens, logp, jnp.where(active[:, None], new_keys, keys)
+
+
+_encode = jit_model(_encode, ("config", "policy"))
+_admit = jit_model(_admit, ("config", "policy"), donate_argnames=("cache",))
+_decode = jit_model(_decode, ("config", "policy"), donate_argnames=("cache",))
+
+
+# --- The scheduler --------------------------------------------------------------------------
+
+
+class _Slot:
+    """What the host knows of one active slot."""
+
+    def __init__(self, request, stream):
+        self.request, self.stream, self.generated = request, stream, 0
+
+
+class Engine:
+    """A pool of decode slots over one model; see the module docstring.
+
+    Args:
+      params: the parameter tree, on the device(s) (as `fast.PaliGemma` holds it), either layout.
+      config: its `PaliGemmaConfig` (vocabulary fitted to the tokenizer).
+      slots: decode rows in the pool (B).
+      max_seq: cache columns per slot (S): the most image tokens + prompt + new tokens a request
+        may use. Default: one image's tokens + 256. Rounded up to 128 for the Pallas kernels.
+      policy: `fast.Policy` (dtypes, attention implementation); mesh: None, a `Mesh` or a
+        description ("data=2,model=4"): slots over data, heads over model (`fast.sharding`).
+      image_cache: how many images' encodings to keep (by content; least recently used out).
+      max_queue: most waiting requests; `submit` raises `QueueFull` beyond. None: unbounded.
+      prefill_sizes: batch sizes a prefill is padded to (several arrivals share one prefill).
+    """
+
+    def __init__(self, params, config: PaliGemmaConfig, slots=8, max_seq=None, policy: Policy = FLOAT32,
+                 mesh=None, image_cache=64, max_queue=None, prefill_sizes=None):
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+            raise ValueError(f"Engine: slots must be an integer >= 1, got {slots!r}")
+        one_image = num_image_tokens(config, (1, config.vision.image_size, config.vision.image_size, 3))
+        max_seq = one_image + 256 if max_seq is None else int(max_seq)
+        if policy.uses_kernels:  # whole kernel tiles
+            max_seq = -(-max_seq // CACHE_ALIGNMENT) * CACHE_ALIGNMENT
+        check_context(max_seq, "Engine: max_seq")
+        self.config, self.slots, self.max_seq = config, int(slots), max_seq
+        self.params, _, self.policy = sharding.on_mesh(params, [], policy, mesh)
+        self.prefill_sizes = tuple(sorted({min(s, self.slots) for s in (prefill_sizes or (1, 2, 4, 8, 16))}))
+        self.max_queue, self.image_cache_size = max_queue, int(image_cache)
+        self._cache = self._empty_cache()
+        B = self.slots
+        self._keys = np.zeros((B, 2), np.uint32)
+        self._samplers = (np.zeros(B, np.int32), np.ones(B, np.float32), np.ones(B, np.int32), np.ones(B, np.float32))
+        self._feed = np.zeros(B, np.int32)  # each active slot's last token, fed at the next step
+        self._active = [None] * B  # `_Slot` or None
+        self._waiting = collections.deque()
+        self._images = collections.OrderedDict()  # content hash -> image tokens [1, F*P, D]
+        self._lock = threading.Condition()
+        self._thread, self._accepting, self._draining = None, True, False
+        self.counters = collections.Counter()  # generated_tokens, image_cache_hits/misses, compiled programs
+
+    def _empty_cache(self):
+        """The pool's KV cache, every column invalid, laid out over the mesh (slots over data)."""
+        g, B, S, mesh = self.config.llm, self.slots, self.max_seq, self.policy.mesh
+
+        def zeros(shape, dtype, spec):
+            if mesh is None:
+                return jnp.zeros(shape, dtype)
+            return jax.device_put(np.zeros(shape, dtype), jax.sharding.NamedSharding(mesh, spec))
+
+        kv_spec = sharding.kv_cache_spec(mesh, g.num_kv_heads)
+        kv_shape = (g.depth, B, S, g.num_kv_heads, g.head_dim)
+        return KVCache(zeros(kv_shape, self.policy.kv_dtype, kv_spec), zeros(kv_shape, self.policy.kv_dtype, kv_spec),
+                       zeros((B, S), bool, sharding.batch_spec(2)), zeros((B, S), np.int32, sharding.batch_spec(2)),
+                       zeros((B,), np.int32, sharding.batch_spec(1)), zeros((B,), np.int32, sharding.batch_spec(1)))
+
+    # --- Requests ---
+
+    def submit(self, request: Request) -> Stream:
+        """Queues a request; returns its `Stream`. Raises AdmissionError (both numbers for a
+        request that cannot fit), QueueFull, or RuntimeError once the engine is stopping."""
+        request, sampler = self._checked(request)
+        stream = Stream()
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("Engine: stopping, no new requests")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"Engine: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
+            self._waiting.append((request, sampler, stream))
+            self._lock.notify_all()
+        return stream
+
+    def _checked(self, request):
+        if not isinstance(request, Request):
+            raise AdmissionError(f"submit: expected a Request, got {type(request).__name__}")
+        cfg, R = self.config, self.config.vision.image_size
+        images = np.asarray(request.images, np.float32)
+        if images.ndim not in (3, 4) or images.shape[-3:] != (R, R, 3):
+            raise AdmissionError(f"images: expected [{R}, {R}, 3] or [F, {R}, {R}, 3], got {list(images.shape)}")
+        tokens = np.asarray(request.tokens)
+        if tokens.ndim != 1 or not len(tokens) or not np.issubdtype(tokens.dtype, np.integer):
+            raise AdmissionError(f"tokens: expected a non-empty 1-D integer array, got {tokens.dtype} {list(tokens.shape)}")
+        if tokens.min() < 0 or tokens.max() >= cfg.llm.vocab_size:
+            raise AdmissionError(f"tokens: ids must be in [0, {cfg.llm.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        mask_ar = np.zeros_like(tokens) if request.mask_ar is None else np.asarray(request.mask_ar)
+        if mask_ar.shape != tokens.shape:
+            raise AdmissionError(f"mask_ar: expected shape {list(tokens.shape)}, got {list(mask_ar.shape)}")
+        n = request.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise AdmissionError(f"max_new_tokens: expected an integer >= 1, got {n!r}")
+        sampler = parse_sampler(request.sampler)
+        if sampler.kind not in SAMPLER_KINDS:
+            raise AdmissionError(f"sampler {sampler.kind}: the engine serves {', '.join(SAMPLER_KINDS)} "
+                                 "(beam search: fast.generate)")
+        P = num_image_tokens(cfg, images[None].shape)
+        need = P + len(tokens) + int(n)
+        what = f"{P} image tokens + {len(tokens)} prompt tokens + {int(n)} new tokens"
+        check_context(need, f"request: {what}", AdmissionError)
+        if need > self.max_seq:
+            raise AdmissionError(f"request: {what} = {need} positions, more than this engine's max_seq {self.max_seq}")
+        stops = tuple(int(t) for t in request.stop_ids)
+        return dataclasses.replace(request, images=images, tokens=tokens.astype(np.int32),
+                                   mask_ar=mask_ar.astype(np.int32), stop_ids=stops), sampler
+
+    # --- Scheduling ---
+
+    def step(self):
+        """One iteration: free cancelled slots, admit waiting requests, advance every active slot.
+        Returns True while there is work left (waiting or active requests)."""
+        with self._lock:
+            for b, slot in enumerate(self._active):
+                if slot is not None and slot.stream.cancelled:
+                    self._finish(b, "cancelled")
+            while self._waiting and self._waiting[0][2].cancelled:
+                self._waiting.popleft()[2]._finish_with("cancelled")
+            group = self._take_group()
+        if group:
+            self._admit_group(group)
+        if any(s is not None for s in self._active):
+            self._decode_step()
+        with self._lock:
+            return self._busy()
+
+    def _busy(self):
+        return bool(self._waiting) or any(s is not None for s in self._active)
+
+    def _take_group(self):
+        """The first waiting request and every later one of its shape, up to the free slots."""
+        free = [b for b, s in enumerate(self._active) if s is None]
+        if not free or not self._waiting:
+            return []
+        shape = self._shape(self._waiting[0][0])
+        group = [w for w in self._waiting if self._shape(w[0]) == shape][: len(free)]
+        for w in group:
+            self._waiting.remove(w)
+        return list(zip(free, group))
+
+    def _shape(self, request):
+        """(images shape, text bucket): requests of one shape share a prefill."""
+        P = num_image_tokens(self.config, request.images[None].shape)
+        bucket = max(MIN_TEXT_BUCKET, 1 << (len(request.tokens) - 1).bit_length())
+        return request.images.shape, min(bucket, self.max_seq - P)
+
+    def _admit_group(self, group):
+        size = next(s for s in self.prefill_sizes + (self.slots,) if s >= len(group))
+        _, T = self._shape(group[0][1][0])
+        rows = np.full(size, self.slots, np.int32)  # padding rows: out of range, dropped
+        tokens, mask_ar = np.zeros((size, T), np.int32), np.ones((size, T), np.int32)
+        input_mask = np.zeros((size, T), bool)
+        samplers = [np.zeros(size, a.dtype) + a[0] for a in self._samplers]
+        keys, images = np.zeros((size, 2), np.uint32), []
+        for i in range(size):
+            b, (request, sampler, _) = group[min(i, len(group) - 1)]  # padding: copies of the last
+            n = len(request.tokens)
+            tokens[i, :n], mask_ar[i, :n], input_mask[i, :n] = request.tokens, request.mask_ar, True
+            for array, value in zip(samplers, self._sampler_row(sampler)):
+                array[i] = value
+            keys[i] = jax.random.key_data(jax.random.PRNGKey(request.seed)) if i < len(group) else 0
+            rows[i] = b if i < len(group) else self.slots
+            images.append(self._image_tokens(request.images) if i < len(group) else images[-1])
+        cache, first, logp, keys = _admit(self.params, self._cache, rows, jnp.concatenate(images), tokens, mask_ar,
+                                          input_mask, tuple(samplers), keys, config=self.config, policy=self.policy)
+        self._cache = cache
+        first, logp, keys = np.asarray(first), np.asarray(logp), np.asarray(keys)
+        for i, (b, (request, sampler, stream)) in enumerate(group):
+            self._keys[b] = keys[i]
+            for array, value in zip(self._samplers, self._sampler_row(sampler)):
+                array[b] = value
+            self._active[b] = _Slot(request, stream)
+            self._emit(b, int(first[i]), float(logp[i]))
+
+    def _decode_step(self):
+        active = np.array([s is not None for s in self._active])
+        cache, tokens, logp, keys = _decode(self.params, self._cache, self._feed, active, self._samplers, self._keys,
+                                            config=self.config, policy=self.policy)
+        self._cache = cache
+        tokens, logp, keys = np.asarray(tokens), np.asarray(logp), np.asarray(keys)
+        self._keys = keys.copy()
+        for b in np.flatnonzero(active):
+            self._emit(b, int(tokens[b]), float(logp[b]))
+
+    @staticmethod
+    def _sampler_row(sampler):
+        return SAMPLER_KINDS[sampler.kind], sampler.temperature, sampler.top_k, sampler.top_p
+
+    def _emit(self, b, token, logprob):
+        slot = self._active[b]
+        slot.generated += 1
+        self.counters["generated_tokens"] += 1
+        slot.stream._push(Token(token, logprob))
+        self._feed[b] = token
+        if token == self.config.eos_id:
+            self._finish(b, "eos")
+        elif token in slot.request.stop_ids:
+            self._finish(b, "stop")
+        elif slot.generated >= slot.request.max_new_tokens:
+            self._finish(b, "length")
+
+    def _finish(self, b, reason):
+        self._active[b].stream._finish_with(reason)
+        self._active[b] = None
+
+    def _image_tokens(self, images):
+        """The image tokens [1, F*P, D] of preprocessed pixels, encoded once per distinct content."""
+        key = (images.shape, hashlib.sha256(images.tobytes()).hexdigest())
+        if key in self._images:
+            self.counters["image_cache_hits"] += 1
+            self._images.move_to_end(key)
+            return self._images[key]
+        self.counters["image_cache_misses"] += 1
+        tokens = _encode(self.params, images[None], config=self.config, policy=self.policy)
+        self._images[key] = tokens
+        while len(self._images) > self.image_cache_size:
+            self._images.popitem(last=False)
+        return tokens
+
+    # --- Running ---
+
+    def run_until_idle(self):
+        """Steps until no request is waiting or active (no background thread needed)."""
+        while self.step():
+            pass
+
+    def start(self):
+        """Runs the scheduler on a background thread until `stop`."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="paligemma-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not (self._busy() or not self._accepting):
+                    self._lock.wait()
+                if not self._accepting and not (self._draining and self._busy()):
+                    return
+            try:
+                self.step()
+            except Exception as error:  # a failed program: every request in flight learns why
+                self._fail_all(error)
+
+    def _fail_all(self, error):
+        with self._lock:
+            for b, slot in enumerate(self._active):
+                if slot is not None:
+                    slot.stream._fail(error)
+                    self._active[b] = None
+            while self._waiting:
+                self._waiting.popleft()[2]._fail(error)
+
+    def stop(self, drain=True, timeout=None):
+        """Stops admitting; with `drain` finishes the requests in flight first, else cancels them."""
+        with self._lock:
+            self._accepting, self._draining = False, drain
+            if not drain:
+                for _, _, stream in self._waiting:
+                    stream.cancel()
+                for slot in self._active:
+                    if slot is not None:
+                        slot.stream.cancel()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        elif drain:
+            self.run_until_idle()
+        else:
+            self.step()
+
+    def stats(self):
+        """Queue and slot occupancy and counters (for `/metrics`)."""
+        with self._lock:
+            active = sum(s is not None for s in self._active)
+            return {"queued": len(self._waiting), "active": active, "slots": self.slots,
+                    "free": self.slots - active, "generated_tokens": self.counters["generated_tokens"],
+                    "image_cache_hits": self.counters["image_cache_hits"],
+                    "image_cache_misses": self.counters["image_cache_misses"]}
