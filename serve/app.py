@@ -50,13 +50,25 @@ class _Stream(StreamingResponse):
         self.finished, self.on_close = finished, on_close
 
     async def __call__(self, scope, receive, send):
+        events, self.body_iterator = self.body_iterator, self._guarded(self.body_iterator)
         try:
             await super().__call__(scope, receive, send)
         except (ClientDisconnect, OSError):
             pass  # the client went away: nothing to answer
         finally:
-            await self.body_iterator.aclose()
+            await events.aclose()
             self.on_close(self.finished[0])
+
+    @staticmethod
+    async def _guarded(events):
+        """The events; a failure after the 200 was sent becomes a last error event."""
+        try:
+            async for line in events:
+                yield line
+        except Exception as e:
+            log.exception("while streaming")
+            yield sse(ApiError(500, "server_error", f"generation failed: {e}").body())
+            yield "data: [DONE]\n\n"
 
 
 def sse(payload):
@@ -113,7 +125,10 @@ class Server:
             raise ApiError(429, "queue_full", f"the server is busy: {stats['queued']} requests are waiting "
                            f"for {stats['slots']} slots ({e}); retry shortly", {"Retry-After": "1"}) from None
         except AdmissionError as e:
-            raise ApiError(400, "context_length_exceeded", str(e)) from None
+            raise ApiError(400, "context_length_exceeded" if "max_seq" in str(e) or "context" in str(e)
+                           else "invalid_request_error", str(e)) from None
+        except RuntimeError as e:  # the engine stops admitting while the server shuts down
+            raise ApiError(503, "unavailable", f"the server is shutting down ({e})", {"Retry-After": "5"}) from None
         except ValueError as e:
             raise ApiError(400, "invalid_request_error", str(e)) from None
         return stream, [p.shape[:2] for p in pixels]

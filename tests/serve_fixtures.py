@@ -1,17 +1,11 @@
 """Shared by the server tests: scenes as PNG data URLs, the embedded demo model, and a running
 `paligemma serve` subprocess on 127.0.0.1 (a free port, bounded waits, killed at the end).
-
-`standin_engine` is a test double with the engine's interface (`paligemma.fast.engine`) that runs
-`model.generate` one request at a time; the in-process API tests use it where the real engine
-is not available, so that the HTTP layer is tested on its own.
 """
 
-import asyncio
 import base64
 import contextlib
 import io
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -103,120 +97,3 @@ def live_server(*args, timeout=240):
         yield server
     finally:
         server.kill()
-
-
-# ---------------------------------------------------------------------------- a stand-in engine
-
-class AdmissionError(ValueError):
-    pass
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-def engine_module():
-    """`paligemma.fast.engine` if it exists, else this file's stand-in classes as that module."""
-    try:
-        from paligemma.fast import engine
-        return engine
-    except ImportError:
-        return types.SimpleNamespace(AdmissionError=AdmissionError, QueueFull=QueueFull)
-
-
-class _Stream:
-    def __init__(self):
-        self.events, self.cancelled, self.completion = queue.Queue(), False, None
-
-    def __iter__(self):
-        while (event := self.events.get()) is not None:
-            yield event
-
-    async def aiter(self):
-        while True:
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                await asyncio.sleep(0.002)
-                continue
-            if event is None:
-                return
-            yield event
-
-    def cancel(self):
-        self.cancelled = True
-
-    def result(self, timeout=None):
-        list(self)
-        return self.completion
-
-
-class StandinEngine:
-    """The engine's interface over `model.generate`, one request at a time, in a thread."""
-
-    def __init__(self, model, slots=2, max_seq=400, max_queue=8):
-        self.model, self.slots, self.max_seq, self.max_queue = model, slots, max_seq, max_queue
-        self.waiting, self.lock, self.active, self.generated = queue.Queue(), threading.Lock(), 0, 0
-        self.thread = None
-
-    def start(self):
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def submit(self, req):
-        mod = engine_module()
-        frames = 1 if np.ndim(req.images) == 3 else len(req.images)
-        need = frames * self.model.config.vision.num_patches + len(self.model.tokenizer.encode(req.prompt)) + 2
-        if need + req.max_new_tokens > self.max_seq:
-            raise mod.AdmissionError(f"{need} prompt tokens + max_new_tokens {req.max_new_tokens} is more than "
-                                     f"max_seq {self.max_seq}")
-        if self.waiting.qsize() >= self.max_queue:
-            raise mod.QueueFull(f"{self.max_queue} requests waiting")
-        stream = _Stream()
-        self.waiting.put((req, stream))
-        return stream
-
-    def _loop(self):
-        while (item := self.waiting.get()) is not None:
-            req, stream = item
-            with self.lock:
-                self.active = 1
-            r = self.model.generate(req.images, req.prompt, max_new_tokens=req.max_new_tokens,
-                                    sampler=req.sampler, seed=req.seed)
-            ids = list(r.tokens) + ([self.model.config.eos_id] if r.finished else [])
-            logprobs = list(r.logprobs) + ([0.0] if r.finished else [])
-            for token, logprob in zip(ids, logprobs):
-                if stream.cancelled:
-                    break
-                stream.events.put(types.SimpleNamespace(token=int(token), logprob=float(logprob)))
-                self.generated += 1
-            stream.completion = types.SimpleNamespace(tokens=np.array(ids), finish_reason="eos")
-            stream.events.put(None)
-            with self.lock:
-                self.active = 0
-
-    def stats(self):
-        return {"queued": self.waiting.qsize(), "active": self.active, "slots": self.slots,
-                "free": self.slots - self.active, "generated_tokens": self.generated}
-
-    def stop(self, drain=True):
-        self.waiting.put(None)
-        if self.thread is not None:
-            self.thread.join(60)
-
-
-class StandinModel:
-    """A `PaliGemma` with the engine's `request` and `engine` methods."""
-
-    def __init__(self, model):
-        self.model, self.config, self.tokenizer = model, model.config, model.tokenizer
-
-    def request(self, images, prompt, max_new_tokens=32, sampler="greedy", seed=0, stop_ids=()):
-        return types.SimpleNamespace(images=images, prompt=prompt, max_new_tokens=max_new_tokens, sampler=sampler,
-                                     seed=seed)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    def engine(self, slots=2, max_seq=400, max_queue=8):
-        return StandinEngine(self, slots, max_seq or 400, max_queue or 8)

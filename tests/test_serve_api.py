@@ -6,7 +6,6 @@ import base64
 import json
 import re
 import struct
-import sys
 import zlib
 
 import numpy as np
@@ -17,7 +16,7 @@ from paligemma.fast.pipeline import PaliGemma
 from paligemma.serve import Limits, build_app
 from paligemma.serve.outputs import TextStream, run_length
 
-from serve_fixtures import DEMO, StandinModel, data_url, engine_module, scene_png
+from serve_fixtures import DEMO, data_url, scene_png
 
 MAX_SEQ, MAX_IMAGE_BYTES = 400, 200_000
 
@@ -33,20 +32,10 @@ def client(model):
 
     from paligemma.fast.vqvae import load_vae
 
-    saved = sys.modules.get("paligemma.fast.engine")
-    sys.modules["paligemma.fast.engine"] = engine_module()  # the real one, or the stand-in's classes
-    served = model if hasattr(model, "engine") else StandinModel(model)
-    engine = served.engine(slots=2, max_seq=MAX_SEQ, max_queue=8)
+    engine = model.engine(slots=2, max_seq=MAX_SEQ, max_queue=8)
     limits = Limits(max_image_bytes=MAX_IMAGE_BYTES, max_images=2, max_tokens=200, default_max_tokens=40)
-    app = build_app(served, engine, "paligemma-demo", limits, load_vae(DEMO.vae))
-    try:
-        with TestClient(app) as c:
-            yield c
-    finally:
-        if saved is None:
-            sys.modules.pop("paligemma.fast.engine", None)
-        else:
-            sys.modules["paligemma.fast.engine"] = saved
+    with TestClient(build_app(model, engine, "paligemma-demo", limits, load_vae(DEMO.vae))) as c:
+        yield c
 
 
 def chat_body(images, prompt, **kw):
