@@ -5,8 +5,8 @@
                     --slots 16 --port 8080
 
 With no --checkpoint it serves the embedded demo model (and its mask VAE), so it works on a fresh
-machine. The model compiles and answers one warm-up request before the port opens, so the first
-client does not wait for compilation. SIGTERM (or Ctrl-C) stops accepting connections, finishes
+machine. The model compiles (warm-up requests) before the port opens, so the first clients do
+not wait for compilation. SIGTERM (or Ctrl-C) stops accepting connections, finishes
 the requests in flight and exits 0.
 """
 
@@ -41,6 +41,8 @@ def add_parser(commands, usage_error):
                    help="images with more pixels are refused from their header (decompression bombs)")
     s.add_argument("--max-images", type=positive_int, default=8, metavar="N", help="images per request")
     s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="largest max_tokens accepted")
+    s.add_argument("--warm-up", choices=("all", "first", "none"), default="all",
+                   help="compile before listening: every prefill batch size (all), one request (first), none")
     s.add_argument("--quiet", action="store_true", help="no progress or request log on stderr")
     s.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     s.set_defaults(run=lambda args: run_serve(args, usage_error))
@@ -65,13 +67,19 @@ def _files(args, usage_error):
     return checkpoint, tokenizer, vae, name
 
 
-def _warm_up(model, engine):
-    """One request through the engine, so that compilation happens before clients come."""
+def _warm_up(model, engine, which):
+    """Compiles before clients come: "all" runs one burst per prefill batch size the engine pads
+    arrivals to (`engine.prefill_sizes`), "first" one request; stepped here on the calling thread
+    (the engine is not started yet)."""
     import numpy as np
 
     size = model.config.vision.image_size
-    stream = engine.submit(model.request(np.zeros((size, size, 3), np.uint8), "caption en", max_new_tokens=2))
-    stream.result(timeout=600)
+    blank = np.zeros((size, size, 3), np.uint8)
+    for burst in engine.prefill_sizes if which == "all" else engine.prefill_sizes[:1]:
+        streams = [engine.submit(model.request(blank, "caption en", max_new_tokens=2)) for _ in range(burst)]
+        engine.run_until_idle()
+        for stream in streams:
+            stream.result(timeout=0)
 
 
 def run_serve(args, usage_error):
@@ -105,9 +113,10 @@ def run_serve(args, usage_error):
                     max_images=args.max_images, max_tokens=args.max_tokens,
                     default_max_tokens=min(64, args.max_tokens))
     app = build_app(model, engine, model_id, limits, vae, start_engine=False)
+    if args.warm_up != "none":
+        with status(f"compiling (warm-up: {args.warm_up})"):
+            _warm_up(model, engine, args.warm_up)
     engine.start()
-    with status("compiling (warm-up request)"):
-        _warm_up(model, engine)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet, timeout_graceful_shutdown=120)
     if not args.quiet:

@@ -51,9 +51,8 @@ class LiveServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w") if os.environ.get("SERVE_QUIET_LOG") else None
         cmd = [sys.executable, "-m", "paligemma.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               *args]
+               "--warm-up", "first", *args]  # the other prefill sizes compile when first needed
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = []
         threading.Thread(target=self._read, daemon=True).start()

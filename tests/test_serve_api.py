@@ -78,6 +78,15 @@ def test_chat_stream_adds_up(client, model):
     assert sum(1 for e in events if e["choices"] and e["choices"][0]["finish_reason"]) == 1
 
 
+def test_several_images_make_one_prompt(client, model):
+    (a, _), (b, _) = scene_png(5), scene_png(6, size=96)
+    expected = model.generate([[a, b]], "caption en", max_new_tokens=20)[0]
+    r = client.post("/v1/chat/completions", json=chat_body([a, b], "caption en", max_tokens=20))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected.text
+    assert r.json()["usage"]["prompt_tokens"] == 2 * 64 + len(model.tokenizer.encode("caption en")) + 2
+
+
 def test_native_detect_boxes_in_original_pixels(client, model):
     png, scene = scene_png(3, size=96)
     kind = scene.shapes[0].kind
