@@ -122,8 +122,9 @@ def run_serve(args, usage_error):
     if not args.quiet:
         print(f"paligemma: serving {model_id} on http://{args.host}:{args.port}/ ({args.slots} slots)",
               file=sys.stderr, flush=True)
-    # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, then the app's shutdown
-    # drains the engine) and afterwards re-raises the signal: a no-op handler makes that exit 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # uvicorn handles SIGTERM and SIGINT (stop accepting, finish in-flight requests, then the app's
+    # shutdown drains the engine) and afterwards re-raises the signal: no-op handlers make that exit 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0

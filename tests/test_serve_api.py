@@ -78,6 +78,32 @@ def test_chat_stream_adds_up(client, model):
     assert sum(1 for e in events if e["choices"] and e["choices"][0]["finish_reason"]) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_answer(client, model, stream):
+    png, _ = scene_png(1)
+    whole = model.generate(png, "caption en", max_new_tokens=40).text
+    stop = whole.split(" ")[1]  # the second word: the answer ends before it
+    body = chat_body([png], "caption en", max_tokens=40, stop=[stop, "\n"], stream=stream)
+    if stream:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = sse_events(r)
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"][0]["finish_reason"]]
+    else:
+        answer = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        text, finish = answer["message"]["content"], [answer["finish_reason"]]
+    assert text == whole[:whole.find(stop)] and finish == ["stop"]
+
+
+def test_cli_usage_errors(capsys):
+    from paligemma.cli.main import main
+
+    assert main(["serve", "--checkpoint", DEMO.checkpoint]) == 2
+    assert "--checkpoint and --tokenizer go together" in capsys.readouterr().err
+    assert main(["serve", "--vae", "/no/such/vae.npz"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_several_images_make_one_prompt(client, model):
     (a, _), (b, _) = scene_png(5), scene_png(6, size=96)
     expected = model.generate([[a, b]], "caption en", max_new_tokens=20)[0]
