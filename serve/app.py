@@ -41,13 +41,14 @@ def error_response(e):
 
 
 class _Stream(StreamingResponse):
-    """Server-sent events that call `on_close(finished)` however they end (done, or client gone);
+    """Server-sent events that call `on_close(outcome)` however they end: "ok", "cancelled" (the
+    client went away) or "server_error";
     `finished` is a one-item list the events set to [True] after their last line."""
 
     def __init__(self, events, finished, on_close):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.finished, self.on_close = finished, on_close
+        self.finished, self.on_close, self.failed = finished, on_close, False
 
     async def __call__(self, scope, receive, send):
         events, self.body_iterator = self.body_iterator, self._guarded(self.body_iterator)
@@ -57,16 +58,16 @@ class _Stream(StreamingResponse):
             pass  # the client went away: nothing to answer
         finally:
             await events.aclose()
-            self.on_close(self.finished[0])
+            self.on_close("ok" if self.finished[0] else "server_error" if self.failed else "cancelled")
 
-    @staticmethod
-    async def _guarded(events):
+    async def _guarded(self, events):
         """The events; a failure after the 200 was sent becomes a last error event."""
         try:
             async for line in events:
                 yield line
         except Exception as e:
             log.exception("while streaming")
+            self.failed = True
             yield sse(ApiError(500, "server_error", f"generation failed: {e}").body())
             yield "data: [DONE]\n\n"
 
@@ -169,10 +170,10 @@ class Server:
         if job.stream:
             finished = [False]
 
-            def closed(done):
-                if not done:
+            def closed(outcome):
+                if outcome != "ok":
                     stream.cancel()
-                self.metrics.count(endpoint, "ok" if done else "cancelled")
+                self.metrics.count(endpoint, outcome)
             return _Stream(answer(job, stream, sizes, text, finished), finished, closed)
         try:
             result = await self._collect(answer(job, stream, sizes, text, None))

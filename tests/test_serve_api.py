@@ -248,3 +248,28 @@ def test_run_length_matches_the_cli_encoding_and_decodes_back(bits, rows):
     assert runs == cli_run_length(mask)
     decoded = np.concatenate([np.full(n, i % 2 == 1, bool) for i, n in enumerate(runs)])
     np.testing.assert_array_equal(decoded, mask.reshape(-1))
+
+
+def test_an_engine_failure_is_a_500_or_a_last_error_event(client, monkeypatch):
+    server = client.app.state.server
+    real = server.engine.submit
+
+    def failing(request):  # the stream breaks after its first token, as a lost device would
+        stream = real(request)
+
+        async def aiter():
+            async for event in type(stream).aiter(stream):
+                yield event
+                raise RuntimeError("device lost")
+        stream.aiter = aiter
+        return stream
+    monkeypatch.setattr(server.engine, "submit", failing)
+    body = {"image": data_url(scene_png(1)[0]), "prompt": "caption en", "max_tokens": 8}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert "device lost" in events[-1]["error"]["message"]
+    assert 'paligemma_requests_total{endpoint="generate",outcome="server_error"} 2.0' in client.get("/metrics").text
+    monkeypatch.undo()
+    assert client.post("/v1/generate", json=body).status_code == 200

@@ -7,6 +7,7 @@ finish, exit 0). Bounded: at most 64 clients, every wait has a timeout, servers 
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -179,20 +180,25 @@ def test_full_queue_answers_429_and_sigterm_drains():
         refused = [r for r in asyncio.run(burst()) if r.status_code == 429][0]
         assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["type"] == "queue_full"
 
-        # SIGTERM while two streams are in flight: both finish, then the process exits 0.
+        # SIGTERM while one stream generates and one waits: no new connections, both finish, exit 0.
         answers, started = [], threading.Barrier(3, timeout=30)
+        long = {**body, "max_tokens": 200, "stream": True}  # runs to max_tokens (seed 1 at temperature 2)
 
         def stream():
-            with httpx.stream("POST", server.url + "/v1/generate", json={**body, "stream": True}, timeout=60) as r:
-                started.wait()  # the response has begun (one request generating, the other queued)
+            with httpx.stream("POST", server.url + "/v1/generate", json=long, timeout=60) as r:
+                started.wait()  # the response has begun
                 answers.append([line for line in r.iter_lines() if line])
         threads = [threading.Thread(target=stream) for _ in range(2)]
         for t in threads:
             t.start()
         started.wait()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # the listening socket is closed at once
+            httpx.get(server.url + "/health", timeout=5)
         assert server.terminate(timeout=60) == 0
         for t in threads:
             t.join(30)
         assert len(answers) == 2 and all(a[-1] == "data: [DONE]" for a in answers)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(server.url + "/health", timeout=5)
+        finals = [json.loads(a[-2][len("data: "):]) for a in answers]
+        assert [f["usage"]["completion_tokens"] for f in finals] == [200, 200]
