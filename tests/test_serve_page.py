@@ -8,7 +8,7 @@ import shutil
 import httpx
 import pytest
 
-from serve_fixtures import DEMO, data_url, live_server, scene_png
+from serve_fixtures import data_url, live_server, scene_png
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
