@@ -11,9 +11,10 @@ Routes (docs/serving.md has the formats):
 Every request is checked (`serve.inputs`) and its images decoded before it reaches the engine,
 so a bad request costs no slot and gets a 4xx with {"error": {"message", "type", "code"}}.
 Decoding, preprocessing and mask decoding run in worker threads; the event loop only waits.
-A streamed answer whose client goes away is cancelled, which frees its slot at the next step.
+An answer whose client goes away (streamed or not) is cancelled, which frees its slot at the next step.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -176,7 +177,11 @@ class Server:
                 self.metrics.count(endpoint, outcome)
             return _Stream(answer(job, stream, sizes, text, finished), finished, closed)
         try:
-            result = await self._collect(answer(job, stream, sizes, text, None))
+            result = await self._unless_gone(request, self._collect(answer(job, stream, sizes, text, None)))
+            if result is None:  # the client went away before its answer: free the slot
+                stream.cancel()
+                self.metrics.count(endpoint, "cancelled")
+                return Response(status_code=499)
         except Exception:
             stream.cancel()
             log.exception("while generating")
@@ -184,6 +189,22 @@ class Server:
             return error_response(ApiError(500, "server_error", "internal error while generating"))
         self.metrics.count(endpoint, "ok")
         return JSONResponse(result)
+
+    @staticmethod
+    async def _unless_gone(request, work):
+        """`await work`, or None as soon as the client disconnects (its body is read already, so
+        the next ASGI message is the disconnect)."""
+        async def gone():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+        return task.result() if task.done() and not task.cancelled() else None
 
     @staticmethod
     async def _collect(events):

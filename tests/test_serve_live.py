@@ -149,22 +149,29 @@ def test_mixed_good_and_bad_requests_under_load(server):
     assert 'outcome="server_error"' not in metrics
 
 
-def test_disconnect_mid_stream_frees_the_slot(server):
+def test_a_client_that_disconnects_frees_its_slot(server):
     png = scene_png(1)[0]  # at temperature 2, seed 1 runs to max_tokens (no early EOS)
-    body = {"image": data_url(png), "prompt": "caption en", "max_tokens": 200, "temperature": 2.0, "seed": 1,
-            "stream": True}
-    before = httpx.get(server.url + "/health").json()["generated_tokens"]
-    for _ in range(3):
+    body = {"image": data_url(png), "prompt": "caption en", "max_tokens": 200, "temperature": 2.0, "seed": 1}
+
+    def settled():
+        deadline = time.monotonic() + 20
+        while (health := httpx.get(server.url + "/health").json())["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health["active"] == 0 and health["queued"] == 0 and health["free"] == health["slots"]
+        return health["generated_tokens"]
+
+    before = settled()
+    for _ in range(3):  # streamed: hang up after the first token
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            with client.stream("POST", "/v1/generate", json=body) as r:
-                lines = r.iter_lines()
-                assert next(line for line in lines if line.startswith("data: "))  # one token arrived; hang up
-    deadline = time.monotonic() + 20
-    while (health := httpx.get(server.url + "/health").json())["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert health["active"] == 0 and health["queued"] == 0 and health["free"] == health["slots"]
-    assert health["generated_tokens"] - before < 3 * 200  # stopped early: cancelled, not run to the end
-    assert 'paligemma_requests_total{endpoint="generate",outcome="cancelled"}' in httpx.get(server.url + "/metrics").text
+            with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    after_streams = settled()
+    assert after_streams - before < 3 * 200  # cancelled, not run to the end
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: a client that gives up waiting
+        httpx.post(server.url + "/v1/generate", json=body, timeout=0.3)
+    assert settled() - after_streams < 200
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'paligemma_requests_total{endpoint="generate",outcome="cancelled"} 4.0' in metrics
 
 
 def test_full_queue_answers_429_and_sigterm_drains():
