@@ -87,8 +87,9 @@ def mask_png(mask):
 def find_objects(prompt, text, height, width, vae=None):
     """The parsed objects of a detect / segment answer as JSON-ready dicts (None for other prompts).
 
-    Each: {"label", "box": [y0, x0, y1, x1] pixels of the original image (half-open), "loc",
-    "errors", and for segment "seg" plus "mask": null without a VAE, else {"area", "rle", "png"}}.
+    Each: {"label", "box": [y0, x0, y1, x1] pixels of the original image (half-open), "loc" (the
+    loc values), "errors", "text" (the part of the answer read: raw tokens and label), and for
+    segment "seg" (the 16 codes) plus "mask": null without a VAE, else {"area", "rle", "png"}}.
     """
     from paligemma.ref.tasks import paste_mask, parse
 
@@ -96,7 +97,7 @@ def find_objects(prompt, text, height, width, vae=None):
     if task is None:
         return None
     objects = parse(text, height, width, require_seg=task == "segment").objects
-    records = [o.to_dict() for o in objects]
+    records = [{**o.to_dict(), "text": o.text} for o in objects]  # text: the raw <loc>/<seg> tokens and label
     if task != "segment":
         return records
     todo = [i for i, o in enumerate(objects) if o.has_mask_codes and o.box is not None]

@@ -125,6 +125,7 @@ def test_native_detect_boxes_in_original_pixels(client, model):
     assert out["image_size"] == [96, 96]
     locs = [int(v) for v in re.findall(r"<loc(\d{4})>", expected.text)]
     assert [v for o in out["objects"] for v in o["loc"]] == locs
+    assert " ; ".join(o["text"] for o in out["objects"]) == expected.text
     for o in out["objects"]:
         if o["box"] is not None:  # big_vision's rule: int(loc / 1023 * size)
             assert o["box"] == [int(v / 1023 * 96) for v in o["loc"]]
@@ -212,6 +213,8 @@ def test_bad_input_is_refused_by_name(client, case):
     assert error["type"] == kind
     for word in words:
         assert word in error["message"], error["message"]
+    if kind == "context_length_exceeded":  # both numbers: what the request needs, and the limit
+        assert max(int(n) for n in re.findall(r"\d+", error["message"])) > MAX_SEQ
     good = client.post("/v1/generate", json={"image": data_url(scene_png(9)[0]), "prompt": "caption en",
                                              "max_tokens": 8})
     assert good.status_code == 200  # and the server still answers
