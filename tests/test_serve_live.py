@@ -176,7 +176,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
 
 def test_full_queue_answers_429_and_sigterm_drains():
     png = scene_png(2)[0]
-    body = {"image": data_url(png), "prompt": "caption en", "max_tokens": 60, "temperature": 2.0, "seed": 1}
+    body = {"image": data_url(png), "prompt": "caption en", "max_tokens": 120, "temperature": 2.0, "seed": 1}
     with live_server("--slots", "1", "--queue", "2", "--quiet") as server:
         async def burst():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
