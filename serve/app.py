@@ -163,10 +163,10 @@ class Server:
         except ApiError as e:
             self.metrics.count(endpoint, "rejected" if e.status == 429 else "client_error")
             return error_response(e)
-        except Exception:
+        except Exception as e:
             log.exception("while admitting a request")
             self.metrics.count(endpoint, "server_error")
-            return error_response(ApiError(500, "server_error", "internal error while admitting the request"))
+            return error_response(ApiError(500, "server_error", f"internal error while admitting the request ({e})"))
         text = TextStream(self.model.tokenizer, self.eos_id, job.stop)
         if job.stream:
             finished = [False]
@@ -182,11 +182,11 @@ class Server:
                 stream.cancel()
                 self.metrics.count(endpoint, "cancelled")
                 return Response(status_code=499)
-        except Exception:
+        except Exception as e:
             stream.cancel()
             log.exception("while generating")
             self.metrics.count(endpoint, "server_error")
-            return error_response(ApiError(500, "server_error", "internal error while generating"))
+            return error_response(ApiError(500, "server_error", f"internal error while generating ({e})"))
         self.metrics.count(endpoint, "ok")
         return JSONResponse(result)
 

@@ -73,6 +73,8 @@ def load_json(raw):
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except RecursionError:
+        raise bad("the request body is JSON nested too deeply", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}", "invalid_json")
     return body

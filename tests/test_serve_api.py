@@ -3,6 +3,7 @@
 4xx with a JSON error that names the problem, while the server keeps answering."""
 
 import base64
+import dataclasses
 import json
 import re
 import struct
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from paligemma.fast.pipeline import PaliGemma
-from paligemma.serve import Limits, build_app
+from paligemma.serve import Limits, build_app, inputs
 from paligemma.serve.outputs import TextStream, run_length
 
 from serve_fixtures import DEMO, data_url, scene_png
@@ -178,6 +179,7 @@ def bad_requests():
     raw = lambda url: {"image": url, "prompt": "caption en"}  # noqa: E731
     return [
         ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, "invalid_json", ["not valid JSON"]),
+        ("deeply nested JSON", "/v1/generate", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", ["nested"]),
         ("missing image", "/v1/chat/completions", chat_body([], "caption en"), 400, "missing_image", ["no image"]),
         ("missing prompt", "/v1/chat/completions", chat_body([png], None), 400, "missing_prompt", ["no prompt"]),
         ("invalid base64", "/v1/generate", raw("data:image/png;base64,@@@@"), 400, "invalid_image", ["base64"]),
@@ -270,9 +272,44 @@ def test_an_engine_failure_is_a_500_or_a_last_error_event(client, monkeypatch):
     body = {"image": data_url(scene_png(1)[0]), "prompt": "caption en", "max_tokens": 8}
     r = client.post("/v1/generate", json=body)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "device lost" in r.json()["error"]["message"]
     with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
         events = sse_events(r)
     assert "device lost" in events[-1]["error"]["message"]
     assert 'paligemma_requests_total{endpoint="generate",outcome="server_error"} 2.0' in client.get("/metrics").text
     monkeypatch.undo()
     assert client.post("/v1/generate", json=body).status_code == 200
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=12)
+IMAGE = st.just("data:image/png;base64,AAAA") | JSON
+PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "audio"]) | JSON},
+                             optional={"text": st.just("caption en") | JSON,
+                                       "image_url": st.fixed_dictionaries({"url": IMAGE}) | IMAGE})
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.just("user") | JSON},
+                                          optional={"content": st.lists(PART | JSON, max_size=3) | JSON}) | JSON,
+                    max_size=2) | JSON
+VALUES = {"messages": MESSAGES, "images": st.lists(IMAGE, max_size=3) | JSON, "image": IMAGE,
+          "prompt": st.just("detect cat") | JSON}
+
+
+@settings(max_examples=300)
+@given(data=st.data(), chat=st.booleans(), junk=st.binary(max_size=64))
+def test_any_json_body_is_a_job_or_a_4xx(data, chat, junk):
+    """No request body can make the checks fail with anything but a 4xx ApiError."""
+    fields = sorted(inputs.CHAT_FIELDS if chat else inputs.NATIVE_FIELDS)
+    body = data.draw(st.dictionaries(st.sampled_from(fields), JSON, max_size=1))
+    body.update(data.draw(st.fixed_dictionaries({}, optional={k: v for k, v in VALUES.items() if k in fields})))
+    limits = Limits(max_image_bytes=100, max_images=2)
+    try:
+        job = (inputs.parse_chat if chat else inputs.parse_native)(body, limits)
+    except inputs.ApiError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    assert job.images and job.prompt.strip() and 1 <= job.max_tokens <= limits.max_tokens
+    try:  # and the image check: ImageError only, as a 400
+        inputs.decode_images(dataclasses.replace(job, images=(junk,)), limits)
+    except inputs.ApiError as e:
+        assert e.status == 400
