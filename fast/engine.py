@@ -68,7 +68,7 @@ class QueueFull(RuntimeError):
     """`max_queue` requests are waiting already; try again later."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class Request:
     """One generation.
 
@@ -302,8 +302,8 @@ class Engine:
             return []
         shape = self._shape(self._waiting[0][0])
         group = [w for w in self._waiting if self._shape(w[0]) == shape][: len(free)]
-        for w in group:
-            self._waiting.remove(w)
+        taken = {id(w) for w in group}
+        self._waiting = collections.deque(w for w in self._waiting if id(w) not in taken)
         return list(zip(free, group))
 
     def _shape(self, request):
