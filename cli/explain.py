@@ -5,8 +5,8 @@
     paligemma explain --checkpoint pt-224.npz --tokenizer tok.model --image cat.jpg \\
                       --prompt "caption en" --layer 12 --head 3
 
-The answer is generated greedily by the float64 NumPy reference, which records every
-attention probability; OUT gets mask.png, one token_NN.png per answer token, strip.png,
+The answer is generated greedily by the NumPy reference (float64 unless --dtype float32), which
+records every attention probability; OUT gets mask.png, one token_NN.png per answer token, strip.png,
 index.html (open it in a browser, no server needed) and the arrays behind them (.npz).
 See paligemma/viz/explain.py for the list of files.
 """
@@ -36,6 +36,8 @@ def add_parser(commands, usage_error):
     e.add_argument("--layer", default="-1", metavar="L|all", help="language-model layer to show (default -1: the last)")
     e.add_argument("--head", default="mean", metavar="N|mean", help="query head to show (default: the mean over heads)")
     e.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
+    e.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="the reference's dtype; float32 halves the memory for big checkpoints")
     e.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     e.set_defaults(run=lambda args: run_explain(args, usage_error))
     return e
@@ -60,7 +62,7 @@ def run_explain(args, usage_error):
     from paligemma.viz.explain import explain_image, load_model, token_text, write_explanation
 
     load_image(args.image)  # a bad image fails before the checkpoint is read
-    model = load_model(checkpoint, tokenizer, vae)
+    model = load_model(checkpoint, tokenizer, vae, args.dtype)
     parse_layer(args.layer, model.config.llm.depth)  # range checks before the answer is generated
     parse_head(args.head, model.config.llm.num_heads)
     ex, rgb = explain_image(model, args.image, args.prompt, args.max_new_tokens)

@@ -7,9 +7,9 @@
 Training flags left out take `paligemma.fast.train.TrainConfig`'s defaults. `--resume DIR`
 continues from DIR's newest checkpoint with the settings DIR/run.json recorded (only `--steps`
 may be raised). A tqdm bar shows step, loss, learning rate and examples/s on stderr, a summary
-follows at the end; `--quiet` turns both off. `loss.png` (the training curves, `paligemma plot`) is drawn into
-the run folder at each checkpoint and at the end. Bad data lines stop the run before training with
-their `file:line` (exit 2) unless `--skip-bad-lines`.
+follows at the end; `--quiet` turns both off. `loss.png`, the training curves (`paligemma plot`),
+is drawn into the run folder at each checkpoint and at the end. Bad data lines stop the run before
+training with their `file:line` (exit 2) unless `--skip-bad-lines`.
 """
 
 import json

@@ -58,6 +58,18 @@ class Explanation:
         return self.local_mask if layer in self.local_layers else self.attn_mask
 
 
+class _QueryRows(dict):
+    """A recorder's store that keeps, of each [B, N, T, S] probability tensor, only the rows of the
+    queries that chose answer tokens: a 4096-token prefix would otherwise hold L x N x S x S floats."""
+
+    def __init__(self, queries):
+        super().__init__()
+        self.queries = queries
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value[:, :, self.queries])  # [B, N, A, S]
+
+
 def sequence_masks(config, tokens, mask_ar, num_image_tokens):
     """The masks of one sequence [image ; tokens]: (global [S, S], local [S, S] or None).
 
@@ -101,12 +113,13 @@ def explain_ids(params, config, pixels, tokens, mask_ar, max_new_tokens=32, answ
     seq = np.concatenate([tokens, answer])  # [T + A]
     seq_ar = np.concatenate([mask_ar, np.ones_like(answer)])  # the answer is causal
     names = [f"{capture.block_name('llm', i)}/{capture.PROBS}" for i in range(config.llm.depth)]
-    with capture.recording(names) as rec:
-        ref.forward(params, config, pixels, seq[None], seq_ar[None])
     P = config.vision.num_patches
     queries = P + len(tokens) - 1 + np.arange(len(answer))  # [A]
-    probs = np.stack([rec.values[n][0] for n in names])  # [L, N, S, S]
-    rows = np.transpose(probs[:, :, queries], (2, 0, 1, 3))  # [A, L, N, S]
+    with capture.recording(names) as rec:
+        rec.values = _QueryRows(queries)
+        ref.forward(params, config, pixels, seq[None], seq_ar[None])
+    rows = np.stack([rec.values[n][0] for n in names], axis=1)  # [N, L, A, S]
+    rows = np.transpose(rows, (2, 1, 0, 3))  # [A, L, N, S]
     attn_mask, local_mask = sequence_masks(config, seq, seq_ar, P)
     local = tuple(i for i in range(config.llm.depth) if uses_sliding_window(config.llm, i))
     return Explanation(seq, len(tokens), P, rows, attn_mask, local_mask, local)

@@ -17,7 +17,7 @@ figcaption { font-size: 0.85em; color: #444; margin-top: 0.3em; }
 .tok { padding: 0.25em 0.4em; margin-right: 0.15em; border: 1px solid #bbb; border-radius: 4px; cursor: pointer; }
 .tok.on { background: #1f3b73; color: #fff; border-color: #1f3b73; }
 .prompt { color: #555; }
-img { image-rendering: pixelated; }
+img { image-rendering: pixelated; max-width: 100%; height: auto; }
 """
 
 _SCRIPT = """
