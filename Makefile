@@ -13,7 +13,7 @@ TPU_STAMP := $(TPU_VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,interop]'
+	$(PY) -m pip install --quiet -e '.[test,interop,viz]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,12 +27,12 @@ $(TPU_STAMP): pyproject.toml
 
 tpu-env: $(TPU_STAMP)
 
-demo: $(STAMP)
-	$(PY) -m paligemma.cli demo
-
-# Debian's Chromium and its driver, for the tests that drive a real headless browser (Selenium).
+# Headless Chromium and its driver from Debian (as root) for the tests that open pages.
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+demo: $(STAMP)
+	$(PY) -m paligemma.cli demo
 
 test: $(STAMP) $(TPU_STAMP) browser
 	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 $(PY) -m pytest -q -n 2 tests

@@ -74,6 +74,10 @@ def build_parser():
     add_quantize(commands, UsageError)
     from .evaluate import add_parser as add_evaluate
     add_evaluate(commands, UsageError)
+    from .explain import add_parser as add_explain
+    add_explain(commands, UsageError)
+    from .plot import add_parser as add_plot
+    add_plot(commands, UsageError)
     from .serve import add_parser as add_serve
     add_serve(commands, UsageError)
     return parser

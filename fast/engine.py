@@ -68,7 +68,7 @@ class QueueFull(RuntimeError):
     """`max_queue` requests are waiting already; try again later."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
 class Request:
     """One generation.
 
@@ -195,8 +195,16 @@ class Engine:
             max_seq = -(-max_seq // CACHE_ALIGNMENT) * CACHE_ALIGNMENT
         check_context(max_seq, "Engine: max_seq")
         self.config, self.slots, self.max_seq = config, int(slots), max_seq
-        self.params, _, self.policy = sharding.on_mesh(params, [], policy, mesh)
-        self.prefill_sizes = tuple(sorted({min(s, self.slots) for s in (prefill_sizes or (1, 2, 4, 8, 16))}))
+        mesh = sharding.mesh_from(policy.mesh if mesh is None else mesh)
+        self.policy = policy if mesh is None else dataclasses.replace(policy, mesh=mesh)
+        self.params = params if mesh is None else sharding.place_params(params, mesh)
+        # On a mesh every batch (slots, a prefill, an image encoding) splits evenly over data x fsdp.
+        self._multiple = 1 if self.policy.mesh is None else sharding.batch_multiple(self.policy.mesh)
+        if self.slots % self._multiple:
+            raise ValueError(f"Engine: slots {self.slots} must be a multiple of the mesh's data x fsdp size "
+                             f"{self._multiple}")
+        sizes = (prefill_sizes or (1, 2, 4, 8, 16))
+        self.prefill_sizes = tuple(sorted({min(-(-s // self._multiple) * self._multiple, self.slots) for s in sizes}))
         self.max_queue, self.image_cache_size = max_queue, int(image_cache)
         self._cache = self._empty_cache()
         B = self.slots
@@ -302,8 +310,8 @@ class Engine:
             return []
         shape = self._shape(self._waiting[0][0])
         group = [w for w in self._waiting if self._shape(w[0]) == shape][: len(free)]
-        for w in group:
-            self._waiting.remove(w)
+        taken = {id(w) for w in group}
+        self._waiting = collections.deque(w for w in self._waiting if id(w) not in taken)
         return list(zip(free, group))
 
     def _shape(self, request):
@@ -379,7 +387,8 @@ class Engine:
             self._images.move_to_end(key)
             return self._images[key]
         self.counters["image_cache_misses"] += 1
-        tokens = _encode(self.params, images[None], config=self.config, policy=self.policy)
+        batch = np.repeat(images[None], self._multiple, axis=0)  # [m, (F,) R, R, 3]: one copy per data shard
+        tokens = _encode(self.params, batch, config=self.config, policy=self.policy)[:1]
         self._images[key] = tokens
         while len(self._images) > self.image_cache_size:
             self._images.popitem(last=False)
