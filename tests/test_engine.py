@@ -247,3 +247,34 @@ def test_the_engine_on_a_mesh_gives_the_one_device_answers():
         assert r["tokens"] == r["alone"]
         assert relative_error(np.array(r["logprobs"]), np.array(r["alone_logprobs"])) <= FLOAT32_REORDERED.bound()
         assert "data" in r["sharding"]
+
+
+def test_the_engine_programs_compile_for_a_tpu_topology():
+    """bench/compile_engine.py on a tiny preset: the decode step and an admission compile for TPU v5e
+    (Mosaic kernels under shard_map) with the pool's cache donated (in `.venv-tpu`, libtpu)."""
+    import json
+    import os
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    python = root / ".venv-tpu" / "bin" / "python"
+    if not python.exists():
+        if os.environ.get("PALIGEMMA_REQUIRE_TPU"):
+            pytest.fail(f"{python} is missing: `make tpu-env` installs jax[tpu]")
+        pytest.skip(f"no TPU compile environment: {python} is missing (`make tpu-env`)")
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(root / "bench")!r})
+        import compile_engine
+        print("@@" + json.dumps(compile_engine.plan("tiny-paligemma2", "data=2,model=4", 4, 64, 2)))
+    """)
+    run = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    line = next((x for x in run.stdout.splitlines() if x.startswith("@@")), None)
+    assert line, run.stderr[-4000:]
+    plan = json.loads(line[2:])
+    assert plan["max_seq"] == 128
+    for stage in ("decode", "admit"):
+        assert plan[stage]["arguments"] > 0 and plan[stage]["alias"] > 0, plan  # the cache updated in place
