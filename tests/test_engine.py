@@ -278,3 +278,23 @@ def test_the_engine_programs_compile_for_a_tpu_topology():
     assert plan["max_seq"] == 128
     for stage in ("decode", "admit"):
         assert plan[stage]["arguments"] > 0 and plan[stage]["alias"] > 0, plan  # the cache updated in place
+
+
+def test_paligemma_generate_refuses_a_prompt_past_the_context(tmp_path, capsys):
+    """The demo model and a 12,000-token prompt: exit 2 naming both numbers (it used to run out of memory)."""
+    import os
+
+    from PIL import Image
+
+    import paligemma.ref
+    from paligemma.cli.main import main
+
+    assets = os.path.join(os.path.dirname(paligemma.ref.__file__), "assets")
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    code = main(["generate", "--checkpoint", os.path.join(assets, "demo-model.npz"), "--tokenizer",
+                 os.path.join(assets, "demo-tokenizer.model"), "--image", str(image), "--prompt",
+                 "caption " + "circle " * 12_000, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "more than the language model's context of 8192" in err and "64 image tokens" in err, err
