@@ -29,7 +29,7 @@ def plan(preset, mesh_spec, slots, max_seq, prefill, dtype="bfloat16"):
     from jax.sharding import NamedSharding
 
     from compile_sharded import abstract, target_mesh
-    from paligemma.fast import engine, sharding
+    from paligemma.fast import pool, sharding
     from paligemma.fast.decode import KVCache
     from paligemma.fast.policy import Policy
     from paligemma.ref.config import get_config
@@ -54,9 +54,9 @@ def plan(preset, mesh_spec, slots, max_seq, prefill, dtype="bfloat16"):
     P, T = config.vision.num_patches, 64
     statics = dict(config=config, policy=policy)
     stages = {
-        "decode": (engine._decode.__wrapped__, (params, cache, row((B,), jnp.int32), row((B,), jnp.bool_), samplers(B),
+        "decode": (pool.decode.__wrapped__, (params, cache, row((B,), jnp.int32), row((B,), jnp.bool_), samplers(B),
                                                 row((B, 2), jnp.uint32))),
-        "admit": (engine._admit.__wrapped__, (params, cache, row((prefill,), jnp.int32),
+        "admit": (pool.admit.__wrapped__, (params, cache, row((prefill,), jnp.int32),
                                               row((prefill, P, g.width), jnp.dtype(dtype)),
                                               row((prefill, T), jnp.int32), row((prefill, T), jnp.int32),
                                               row((prefill, T), jnp.bool_), samplers(prefill),
