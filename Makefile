@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) -m paligemma.cli demo
 
 test: $(STAMP) $(TPU_STAMP) browser
-	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 $(PY) -m pytest -q -n 2 tests
+	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 PALIGEMMA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache .hypothesis
