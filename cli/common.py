@@ -5,6 +5,7 @@ types, file checks and the progress lines. Subcommand modules import this module
 import argparse
 import contextlib
 import os
+import sys
 import time
 
 # paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
@@ -83,3 +84,18 @@ def check_file(path, flag, directory_ok=False):
             pass
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+
+
+def join_processes(args):
+    """Several JAX processes (PALIGEMMA_COORDINATOR etc. set, `paligemma.fast.distributed`): joins
+    them before the command touches a device; in every process but 0 the command then prints no
+    progress and no results (process 0 does), errors still. A no-op without the variables."""
+    if not any(name in os.environ for name in ("PALIGEMMA_COORDINATOR", "PALIGEMMA_NUM_PROCESSES",
+                                               "PALIGEMMA_PROCESS_ID")):
+        return
+    from paligemma.fast import distributed
+
+    if distributed.initialize() and not distributed.is_writer():
+        if hasattr(args, "quiet"):
+            args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)

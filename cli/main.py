@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from .common import DTYPES, IMPLS, PREPROCESS, Parser, StatusLines, UsageError, check_file, positive_int
+from .common import join_processes
 from .tasks import add_arguments as add_task_arguments
 from .tasks import check_arguments as check_task_arguments
 from .tasks import task_outputs
@@ -74,6 +75,8 @@ def build_parser():
     add_quantize(commands, UsageError)
     from .evaluate import add_parser as add_evaluate
     add_evaluate(commands, UsageError)
+    from .launch import add_parser as add_launch
+    add_launch(commands, UsageError)
     return parser
 
 
@@ -204,6 +207,8 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed its one line (or --help)
         return e.code if isinstance(e.code, int) else 2
     try:
+        if args.command != "launch":
+            join_processes(args)  # several JAX processes: join before any device is touched
         return args.run(args)
     except (ValueError, OSError) as e:  # bad files, mismatched inputs, bad values: the user's to fix
         if args.debug:
