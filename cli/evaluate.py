@@ -3,6 +3,7 @@
     paligemma evaluate --checkpoint out/model.npz --tokenizer tok.model --data val.jsonl \\
         --task vqav2 --out eval/ [--batch-size 8] [--max-new-tokens 32]
     paligemma evaluate ... --task segment --vae vae-oid.npz           # masks need the VQ-VAE
+    paligemma evaluate ... --mesh data=2,model=4                      # split over 8 devices (docs/scaling.md)
 
 Greedy decoding in batches (a progress bar on stderr), then OUT/predictions.jsonl (one line
 per example with its id) and OUT/metrics.json (the task's metric, "count" and "invalid": the

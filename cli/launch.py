@@ -9,11 +9,11 @@ count) and `--devices-per-process` virtual CPU devices, and they join into one p
 mesh spans all N x D devices; CPU collectives go over gloo. The command is the one users run on
 a pod slice, where each host starts it with the same variables instead (docs/scaling.md).
 
-Output: process 0's stdout and stderr come through as they are (JAX's CPU collectives library
-prints "[Gloo] Rank ... connected" lines on stdout; those are dropped); the other processes
-print only errors, each line prefixed "[process i]". If a process fails, the others are given
-`--grace` seconds to end on their own (JAX ends them within the heartbeat timeout when a peer
-dies), then stopped; the status is the first failure's (128 + signal for a signal).
+Output: process 0's stdout (the results alone) and stderr come through as they are; the other
+processes print only errors, each line prefixed "[process i]" (gloo's "[Gloo] Rank ... connected
+to ... peer ranks" lines, cut up by its threads, are left out). If a process fails, the others
+are given `--grace` seconds to end on their own (JAX ends them within the heartbeat timeout
+when a peer dies), then stopped; the status is the first failure's (128 + signal for a signal).
 """
 
 import argparse
@@ -28,7 +28,7 @@ import time
 
 from .common import positive_int
 
-_GLOO = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+_GLOO = re.compile(r"\[Gloo\]|peer ranks|^\s*$")  # gloo's lines, whole or cut up by its threads
 _DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
@@ -74,7 +74,7 @@ def process_env(base, index, count, port, devices, init_timeout, heartbeat_timeo
 def _pump(stream, out, prefix):
     """Copies lines of `stream` to `out` with `prefix`, leaving out gloo's connection lines."""
     for line in iter(stream.readline, ""):
-        if not _GLOO.match(line):
+        if not _GLOO.search(line):
             out.write(prefix + line)
             out.flush()
     stream.close()
@@ -119,12 +119,12 @@ def run_launch(args, usage_error):
         for i in range(args.processes):
             env = process_env(os.environ, i, args.processes, port, args.devices_per_process, args.init_timeout,
                               args.heartbeat_timeout)
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=None if i == 0 else subprocess.STDOUT, text=True, errors="replace")
-            procs.append(proc)
-            out, prefix = (sys.stdout, "") if i == 0 else (sys.stderr, f"[process {i}] ")
-            pumps.append(threading.Thread(target=_pump, args=(proc.stdout, out, prefix), daemon=True))
-            pumps[-1].start()
+            piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") if i else {}
+            procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, **piped))
+            if i:
+                pumps.append(threading.Thread(target=_pump, args=(procs[-1].stdout, sys.stderr, f"[process {i}] "),
+                                              daemon=True))
+                pumps[-1].start()
         failed, deadline = None, None
         while any(p.poll() is None for p in procs):
             if failed is None:

@@ -1,5 +1,5 @@
 """`paligemma generate`: load a checkpoint and a tokenizer, print the text for each (image, prompt).
-(`paligemma finetune`: see cli/finetune.py.)
+(`paligemma finetune`: see cli/finetune.py; `paligemma launch`, several JAX processes: cli/launch.py.)
 
     paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images

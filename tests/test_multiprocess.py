@@ -54,13 +54,13 @@ def _env(devices=None, **extra):
 
 @contextlib.contextmanager
 def _started(argvs, envs, logs):
-    """Popen of each argv in a session of its own (stdout+stderr to its log file); on leaving,
-    every process group still running is killed."""
+    """Popen of each argv in a session of its own (stderr to its log file, stdout to log + ".out");
+    on leaving, every process group still running is killed."""
     procs = []
     try:
         for argv, env, log in zip(argvs, envs, logs):
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+            with open(log, "w") as err, open(f"{log}.out", "w") as out:
+                procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=err,
                                               stdin=subprocess.DEVNULL, start_new_session=True))
         yield procs
     finally:
@@ -72,7 +72,7 @@ def _started(argvs, envs, logs):
 
 
 def _run(argv, env, log, timeout=SLOW):
-    """Runs one command (its process group killed after `timeout`); returns (status, output)."""
+    """Runs one command (its process group killed after `timeout`); returns (status, stdout, stderr)."""
     start = time.monotonic()
     with _started([argv], [env], [log]) as (proc,):
         try:
@@ -80,16 +80,17 @@ def _run(argv, env, log, timeout=SLOW):
         except subprocess.TimeoutExpired:
             code = None
     print(f"{' '.join(argv[3:6])}: {time.monotonic() - start:.1f} s")
-    with open(log) as f:
-        text = f.read()
+    with open(log) as f, open(f"{log}.out") as g:
+        text, out = f.read(), g.read()
     assert code is not None, f"{argv[3:5]} still running after {timeout} s:\n{text[-3000:]}"
-    return code, text
+    return code, out, text
 
 
 def _ok(argv, env, log, timeout=SLOW):
-    code, text = _run(argv, env, log, timeout)
+    """Runs one command that must succeed; returns its stdout."""
+    code, out, text = _run(argv, env, log, timeout)
     assert code == 0, f"{argv[3:5]} exited {code}:\n{text[-3000:]}"
-    return text
+    return out
 
 
 def _free_port():
@@ -153,15 +154,17 @@ def test_finetune_two_processes_equal_one_and_resume_on_one(files, tmp_path):
     assert one[4] < one[1]  # it trains
     # The same program with the gradients' sums over 8 devices split between two processes (gloo):
     # float32 reordering at most. Reading the wrong rows (one example twice, another never) moves
-    # the loss of steps 3-4 by ~1e-2.
+    # the loss by ~1e-2 from step 1 on (planted: 8.106 vs 8.037).
     for step in one:
         assert _close(one[step], two[step]), (step, one, two)
-    (ev1,), (ev2,) = ([r for r in _records(f) if "val_loss" in r] for f in (single, multi))
-    assert _close(ev1["val_loss"], ev2["val_loss"]) and ev1["exact_match"] == ev2["exact_match"], (ev1, ev2)
+    print("largest relative loss difference, 2 processes vs 1:",
+          max(abs(one[s] - two[s]) / abs(one[s]) for s in one))
 
     # Written once, by process 0: 4 step records and 1 evaluation (two writers would double them),
     # complete checkpoints, no temporary leftovers, the exported weights.
     assert [r["step"] for r in _records(multi)] == [1, 2, 3, 4, 4]
+    (ev1,), (ev2,) = ([r for r in _records(f) if "val_loss" in r] for f in (single, multi))
+    assert _close(ev1["val_loss"], ev2["val_loss"]) and ev1["exact_match"] == ev2["exact_match"], (ev1, ev2)
     ckpts = multi / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["LATEST", "step_00000002", "step_00000004"]
     assert sorted(os.listdir(multi)) == ["checkpoints", "metrics.jsonl", "model.npz", "model_hf", "run.json"]
@@ -179,6 +182,7 @@ def test_finetune_two_processes_equal_one_and_resume_on_one(files, tmp_path):
     assert sorted(again) == [1, 2, 3, 4]
     for step in (3, 4):
         assert _close(again[step], two[step]) and _close(again[step], one[step]), (step, again, two)
+    print("resumed on 1 process vs 2 processes:", [abs(again[s] - two[s]) / abs(two[s]) for s in (3, 4)])
 
 
 RECORDER = """
@@ -268,7 +272,7 @@ def test_generate_and_evaluate_two_processes_equal_one(tmp_path):
                 "--prompt", "detect circle", "--json", "--show-tokens"]
     one = _ok(PY + generate, _env(8), tmp_path / "g1.log")
     two = _ok(_launch(generate), _env(), tmp_path / "g2.log")
-    lines = lambda text: [json.loads(x) for x in text.splitlines() if x.startswith("{")]  # noqa: E731
+    lines = lambda text: [json.loads(x) for x in text.splitlines()]  # noqa: E731  (stdout: results only)
     one, two = lines(one), lines(two)
     assert len(one) == len(two) == 2 and one[0]["text"], (one, two)  # the demo model captions the scene
     for a, b in zip(one, two):
@@ -279,8 +283,8 @@ def test_generate_and_evaluate_two_processes_equal_one(tmp_path):
     printed = [_ok(cmd + ["--out", str(tmp_path / name)], env, tmp_path / f"{name}.log")
                for cmd, env, name in ((PY + evaluate, _env(8), "e1"), (_launch(evaluate), _env(), "e2"))]
     m1, m2 = (lines(p) for p in printed)
-    assert len(m1) == len(m2) == 1 and m1[0]["count"] == 6, (m1, m2)
-    assert printed[1].count('"task": "detect"') == 1, printed[1]  # printed once, by process 0 only
+    assert len(m1) == len(m2) == 1 and m1[0]["count"] == 6, (m1, m2)  # printed once, by process 0 only
+    assert '"task"' not in (tmp_path / "e2.log").read_text()  # nor by process 1 on stderr
     assert m1[0] == m2[0]
     p1, p2 = ((tmp_path / name / "predictions.jsonl").read_text() for name in ("e1", "e2"))
     assert p1 == p2

@@ -94,3 +94,16 @@ def test_put_rows_places_a_process_share():
     np.testing.assert_array_equal(np.asarray(sharding.put_rows(x, rows, x.shape, sh)), x)
     with pytest.raises(ValueError, match="holds rows"):
         sharding.put_rows(x[:, :2], rows[:2], x.shape, sh)
+
+
+def test_evaluate_mesh_is_checked_before_loading(tmp_path, capsys):
+    from paligemma.cli.demo import _asset
+
+    data_file = tmp_path / "eval.jsonl"
+    data_file.write_text('{"image": "x.png", "prefix": "caption en", "suffix": "a"}\n')
+    base = ["evaluate", "--checkpoint", _asset("demo-model.npz"), "--tokenizer", _asset("demo-tokenizer.model"),
+            "--data", str(data_file), "--task", "caption", "--out", str(tmp_path / "out")]
+    assert main(base + ["--mesh", "data=2,tensor=4"]) == 2
+    assert "mesh: bad part 'tensor=4'" in capsys.readouterr().err
+    assert main(base + ["--mesh", "data=2", "--impl", "ref"]) == 2
+    assert "--mesh needs --impl fast" in capsys.readouterr().err
