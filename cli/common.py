@@ -97,6 +97,12 @@ def join_processes(args):
         return
     from paligemma.fast import distributed
 
+    joining = distributed.settings()
+    if joining and not getattr(args, "quiet", False):
+        where = joining.get("coordinator_address", "the cluster's coordinator")
+        print(f"paligemma: joining as process {joining.get('process_id', '(auto)')} of "
+              f"{joining.get('num_processes', '(auto)')} at {where}, waiting up to "
+              f"{joining['initialization_timeout']} s", file=sys.stderr, flush=True)
     if not distributed.initialize():
         return
     sys.stdout.flush()

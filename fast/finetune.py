@@ -339,7 +339,7 @@ def resume(out, progress=True, on_step=None, export=("npz", "hf"), stream=None, 
     if set(changes) - allowed:
         raise ValueError(f"resume: only {sorted(allowed)} may change, got {sorted(changes)}")
     config = TrainConfig(**{**run["config"], **changes})
-    if changes:
+    if changes and jax.process_index() == 0:
         _write_run(out, dict(run, config=dataclasses.asdict(config)))
     return finetune(run["checkpoint"], run["tokenizer"], run["train"], out, config, val=run["val"],
                     image_root=run["image_root"], skip_bad=run["skip_bad"], resume=True, progress=progress,

@@ -107,3 +107,28 @@ def test_evaluate_mesh_is_checked_before_loading(tmp_path, capsys):
     assert "mesh: bad part 'tensor=4'" in capsys.readouterr().err
     assert main(base + ["--mesh", "data=2", "--impl", "ref"]) == 2
     assert "--mesh needs --impl fast" in capsys.readouterr().err
+
+
+def test_a_process_whose_peers_never_come_ends_after_the_init_timeout(tmp_path):
+    """No hang at start-up either: process 0 of 2 alone gives up after PALIGEMMA_INIT_TIMEOUT."""
+    import socket
+    import subprocess
+    import time
+
+    from paligemma.cli.demo import _asset
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PALIGEMMA_", "XLA_FLAGS"))}
+    env.update(PALIGEMMA_COORDINATOR=f"127.0.0.1:{port}", PALIGEMMA_NUM_PROCESSES="2", PALIGEMMA_PROCESS_ID="0",
+               PALIGEMMA_INIT_TIMEOUT="3", JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "paligemma.cli", "generate", "--checkpoint", _asset("demo-model.npz"),
+            "--tokenizer", _asset("demo-tokenizer.model"), "--image", str(tmp_path / "x.png"), "--prompt", "p"]
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    start = time.monotonic()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60  # 3 s and the start-up of python and jax
+    assert f"joining as process 0 of 2 at 127.0.0.1:{port}, waiting up to 3 s" in proc.stderr
+    assert "RegisterTask" in proc.stderr, proc.stderr[-2000:]  # JAX names the step that timed out
