@@ -240,7 +240,6 @@ def test_each_process_reads_its_half_and_a_killed_peer_stops_the_other(files, tm
 
     # The newest checkpoint (written by process 0 before it died) is complete and loads.
     latest = train_state.latest(ckpts)
-    assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp")]
     config = TrainConfig(text_len=16)
     trainable, _ = split_params(files.params, config)
     import jax
