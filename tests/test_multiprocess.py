@@ -12,7 +12,8 @@ give what one process with the same 8 devices gives.
     to say).
 
 Every process is started here on a free port of 127.0.0.1, waited for with a timeout, and killed
-(its whole process group) if still running at the end. About 3 minutes on 2 cores.
+(its whole process group) if still running at the end. 5.4 minutes on the shared 2-core machine
+at load average 8 (most of it compiling the tiny model in each process).
 """
 
 import contextlib
