@@ -66,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layouts", default="1x8,2x4", help="processes x devices each, comma-separated")
     args = parser.parse_args(argv)
-    print(f"| processes x devices | mesh | steps | wall s | step ms | load avg |\n|---|---|---|---|---|---|")
+    print("| processes x devices | mesh | steps | wall s | step ms | load avg |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         build(folder)
         for layout in args.layouts.split(","):

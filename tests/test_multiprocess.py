@@ -12,8 +12,8 @@ give what one process with the same 8 devices gives.
     to say).
 
 Every process is started here on a free port of 127.0.0.1, waited for with a timeout, and killed
-(its whole process group) if still running at the end. 5.4 minutes on the shared 2-core machine
-at load average 8 (most of it compiling the tiny model in each process).
+(its whole process group) if still running at the end. 3 minutes on the shared 2-core machine
+at load average 5, 5.4 at load 8 (most of it compiling the tiny model in each process).
 """
 
 import contextlib
@@ -31,7 +31,6 @@ import pytest
 from PIL import Image
 
 from finetune_fixtures import CAPTIONS, PREFIX, build, write_jsonl
-from paligemma import ref
 from paligemma.cli.demo import _asset
 from paligemma.fast import data, train_state
 from paligemma.fast.train import TrainConfig, make_optimizer, split_params

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from finetune_fixtures import build
-from paligemma import ref
 from paligemma.cli.launch import process_env
 from paligemma.cli.main import main
 from paligemma.fast import data, distributed, sharding
