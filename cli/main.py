@@ -1,5 +1,5 @@
 """`paligemma generate`: load a checkpoint and a tokenizer, print the text for each (image, prompt).
-(`paligemma finetune`: see cli/finetune.py.)
+(`paligemma finetune`: see cli/finetune.py; `paligemma launch`, several JAX processes: cli/launch.py.)
 
     paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from .common import DTYPES, IMPLS, PREPROCESS, Parser, StatusLines, UsageError, check_file, positive_int
+from .common import join_processes
 from .tasks import add_arguments as add_task_arguments
 from .tasks import check_arguments as check_task_arguments
 from .tasks import task_outputs
@@ -80,6 +81,8 @@ def build_parser():
     add_plot(commands, UsageError)
     from .serve import add_parser as add_serve
     add_serve(commands, UsageError)
+    from .launch import add_parser as add_launch
+    add_launch(commands, UsageError)
     return parser
 
 
@@ -210,6 +213,8 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed its one line (or --help)
         return e.code if isinstance(e.code, int) else 2
     try:
+        if args.command != "launch":
+            join_processes(args)  # several JAX processes: join before any device is touched
         return args.run(args)
     except (ValueError, OSError) as e:  # bad files, mismatched inputs, bad values: the user's to fix
         if args.debug:
