@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -28,7 +27,8 @@ from safetensors.numpy import save_file
 from . import hf_layout
 from .config import GEMMA2_27B, GemmaConfig, PaliGemmaConfig, VisionConfig
 from .params import flatten, param_shapes, unflatten
-from .tensorfiles import CheckpointError, open_reader
+from .quantread import is_quantized, load_quantized, read_quant_header
+from .tensorfiles import CheckpointError, atomic_write, open_reader, refuse_overwrite
 
 # (width, heads, head dim) of released towers, for HF files that come without config.json.
 _KNOWN_LLM_HEADS = {2048: (8, 256), 2304: (8, 256), 3584: (16, 256), 4608: (32, 128)}
@@ -48,7 +48,7 @@ def load(path, **overrides):
     `vocab_size`, which keeps the first rows of the (per-row quantized) embedding.
     """
     path = str(path)
-    if _is_quantized(path):
+    if is_quantized(path):
         return _load_quantized(path, overrides)
     reader = open_reader(path)
     try:
@@ -69,8 +69,7 @@ def load(path, **overrides):
 def read_config(path, **overrides):
     """The config `load(path, **overrides)` returns, from headers and config.json alone (no tensor is read)."""
     path = str(path)
-    if _is_quantized(path):
-        from .quantfile import read_quant_header  # quantfile imports this module
+    if is_quantized(path):
         return apply_overrides(read_quant_header(path).config, overrides)
     reader = open_reader(path)
     try:
@@ -95,30 +94,17 @@ def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, m
     flat = flatten(params)
     _check_tree(flat, config, str(path))
     if format == "npz":
-        _refuse_overwrite(path, overwrite)
+        refuse_overwrite(path, overwrite)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _atomic_write(path, lambda tmp: _write_npz(tmp, flat))
+        atomic_write(path, lambda tmp: _write_npz(tmp, flat))
     elif format == "hf":
         _save_hf(str(path), config, flat, overwrite, max_shard_bytes)
     else:
         raise ValueError(f"format: expected 'npz' or 'hf', got {format!r}")
 
 
-def _is_quantized(path):
-    """True for a single safetensors file whose metadata holds the quantization header."""
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        return False
-    from .quantfile import HEADER_KEY, safe_open  # quantfile imports this module
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return HEADER_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - unreadable: the ordinary reader says why
-        return False
-
-
 def _load_quantized(path, overrides):
     """`(config, quantized tree)` of a `paligemma quantize` file, with the overrides applied."""
-    from .quantfile import load_quantized  # quantfile imports this module
     config, qtree, _ = load_quantized(path)
     config = apply_overrides(config, {k: v for k, v in overrides.items() if k != "vocab_size"})
     flat = flatten(qtree)
@@ -319,21 +305,21 @@ def _save_hf(folder, config, flat, overwrite, max_shard_bytes):
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     index_file = [] if len(shards) == 1 else ["model.safetensors.index.json"]
     for out in ["config.json"] + files + index_file:
-        _refuse_overwrite(os.path.join(folder, out), overwrite)
+        refuse_overwrite(os.path.join(folder, out), overwrite)
     for out, names in zip(files, shards):
         tensors = {n: np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(sources[n][0]), sources[n][1],
                                                                sources[n][2], config)) for n in names}
-        _atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         del tensors
     if index_file:
         index = {"metadata": {"total_size": sum(src.nbytes for src, _, _ in sources.values())},
                  "weight_map": {n: out for out, names in zip(files, shards) for n in names}}
-        _atomic_write(os.path.join(folder, index_file[0]), lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
+        atomic_write(os.path.join(folder, index_file[0]), lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
     hf_json = json.dumps(hf_layout.config_to_hf(config, dtype_name), indent=2)
-    _atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
+    atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
 
 
-# --- checks and atomic writes -------------------------------------------------------------
+# --- checks and the file writers ---------------------------------------------------------
 
 
 def _check_names(got, want, path):
@@ -357,11 +343,6 @@ def _check_tree(flat, config, path):
             raise CheckpointError(f"{path}: {key} has dtype {dtype}, expected a float type")
 
 
-def _refuse_overwrite(path, overwrite):
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path}: already exists; pass overwrite=True to replace it")
-
-
 def _write_npz(path, flat):
     with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **flat)
@@ -370,19 +351,3 @@ def _write_npz(path, flat):
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
-
-
-def _atomic_write(path, write):
-    """`write(tmp_path)` to a temporary file beside `path`, flush it to disk, rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -32,9 +32,8 @@ import os
 
 import numpy as np
 
-from .checkpoint import _atomic_write
 from .params import flatten, unflatten
-from .tensorfiles import CheckpointError, NpzReader
+from .tensorfiles import CheckpointError, NpzReader, atomic_write
 
 GRID, MASK_SIZE = 4, 64  # 16 codes on a 4 x 4 grid; masks of 64 x 64
 NUM_DOWN = NUM_UP = 4
@@ -206,7 +205,7 @@ def save_vae(path, params):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **tensors)
 
-    _atomic_write(os.fspath(path), write)
+    atomic_write(os.fspath(path), write)
 
 
 def write_random_vae(path, config=VAEConfig(), seed=0):
