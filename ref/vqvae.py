@@ -278,7 +278,7 @@ def res_block(p, x):
 
 # --------------------------------------------------------------------------- the model
 
-def _check_codes(codes, num_codes):
+def check_codes(codes, num_codes):
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != GRID * GRID or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes: expected integers [B, {GRID * GRID}], got {codes.dtype} {list(codes.shape)}")
@@ -296,7 +296,7 @@ def decode(params, codes):
     Returns:
       [B, 64, 64] in the parameters' dtype; the trained model gives ~[-1, 1], > 0 inside the mask.
     """
-    codes = _check_codes(codes, params["codebook"].shape[0])
+    codes = check_codes(codes, params["codebook"].shape[0])
     x = params["codebook"][codes]  # [B, 16, E]
     return decode_latents(params, x.reshape(len(codes), GRID, GRID, -1))  # [B, 64, 64]
 
