@@ -85,6 +85,13 @@ def canonical_name(name):
     return None
 
 
+def unused_by_paligemma(canonical):
+    """True for a `canonical_name` that an HF folder may hold but PaliGemma never uses: SigLIP's
+    attention-pooling head (`vision_tower.vision_model.head.*`, 11 tensors), which transformers'
+    `SiglipVisionConfig` builds by default (`vision_use_head=True`); PaliGemma takes every patch."""
+    return canonical is not None and canonical[0] == "vision" and canonical[1].startswith("head.")
+
+
 def name_table(config: PaliGemmaConfig):
     """Every `(tower, canonical HF name) -> (big_vision key, transform, layer or None)`."""
     llm = {**_LLM_COMMON, **(_GEMMA2_NORMS if config.llm.post_norms else _GEMMA1_NORMS)}
