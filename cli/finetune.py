@@ -13,6 +13,8 @@ their `file:line` (exit 2) unless `--skip-bad-lines`.
 
 import sys
 
+from paligemma.options import EVAL_TASKS, FAST_DTYPES, OPTIMIZERS, TRAINABLE
+
 from .common import check_file
 
 # (flag, TrainConfig field, type, help); every one defaults to None = TrainConfig's default.
@@ -47,10 +49,9 @@ _FLAGS = [
     ("--eval-task", "eval_task", str, "validation metric: exact_match (default) or a `paligemma evaluate` task"),
     ("--eval-vae", "eval_vae", str, "mask VQ-VAE .npz for --eval-task segment"),
 ]
-# Spelled out here (they mirror paligemma.fast.train) so that `--help` needs no jax import.
-_CHOICES = {"--optimizer": ("adamw", "sgd"), "--trainable": ("all", "no-vision", "attention", "lora"),
-            "--dtype": ("float32", "bfloat16"), "--frozen-dtype": ("float32", "bfloat16"),
-            "--eval-task": ("exact_match", "caption", "vqa", "vqav2", "chartqa", "detect", "segment")}
+# From paligemma.options (as paligemma.fast.train's are), so that `--help` needs no jax import.
+_CHOICES = {"--optimizer": OPTIMIZERS, "--trainable": TRAINABLE, "--dtype": FAST_DTYPES, "--frozen-dtype": FAST_DTYPES,
+            "--eval-task": EVAL_TASKS}
 
 
 def add_parser(commands, usage_error):

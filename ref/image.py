@@ -46,8 +46,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from paligemma.options import PREPROCESS
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS (~ 0.25 GiB of RGB)
-METHODS = ("big_vision", "hf")
+METHODS = PREPROCESS
 _F32 = np.float32
 
 

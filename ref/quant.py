@@ -30,11 +30,13 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
+from paligemma.options import QUANT_FORMATS
+
 from .params import flatten, param_shapes, unflatten
 
-FORMATS = ("int8", "int4")
+FORMATS = QUANT_FORMATS
 GROUP_SIZE = 128
-SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # keys: options'
 QMAX = {"int8": 127, "int4": 7}
 
 _ENC = "img/Transformer/encoderblock"

@@ -28,9 +28,10 @@ import re
 import numpy as np
 from PIL import Image
 
+from paligemma.options import CONVENTIONS
+
 from .image import resize_float_tf
 
-CONVENTIONS = ("big_vision", "demo")
 NUM_LOC, NUM_SEG = 1024, 128  # token values 0..1023 and 0..127
 SEG_PER_OBJECT = 16
 SEPARATOR = " ; "
