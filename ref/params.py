@@ -95,6 +95,7 @@ _INPUT_AXES = {
 
 
 def fan_in(path, shape):
+    """How many inputs the weight at `path` sums over (its contracted axes): `init_params` draws N(0, 1/fan_in)."""
     axes = next((a for suffix, a in _INPUT_AXES.items() if path.endswith(suffix)), (-2,))
     return int(np.prod([shape[a] for a in axes]))
 
