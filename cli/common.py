@@ -8,10 +8,11 @@ import os
 import sys
 import time
 
-# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
-IMPLS = ("fast", "ref")
-DTYPES = ("float32", "bfloat16", "float64")
-PREPROCESS = ("big_vision", "hf")
+# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant;
+# the option lists come from paligemma.options, which imports nothing.
+from paligemma.options import DTYPES, IMPLS, PREPROCESS
+
+__all__ = ["DTYPES", "IMPLS", "PREPROCESS", "Parser", "StatusLines", "UsageError", "check_file", "positive_int"]
 
 
 class UsageError(ValueError):

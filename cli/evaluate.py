@@ -16,15 +16,14 @@ import json
 import os
 import sys
 
-from .common import DTYPES, IMPLS, PREPROCESS, StatusLines, check_file, positive_int
+from paligemma.options import CONVENTIONS, TASKS
 
-TASKS = ("caption", "vqa", "vqav2", "chartqa", "detect", "segment")  # paligemma.ref.scoring.TASKS
+from .common import DTYPES, IMPLS, PREPROCESS, StatusLines, check_file, positive_int
 
 
 def add_parser(commands, usage_error):
     """Registers `evaluate` on the `paligemma` subcommands; `usage_error` is the CLI's UsageError."""
     from .media import DEFAULT_FRAMES, DEFAULT_STRIDE
-    from .tasks import CONVENTIONS
 
     e = commands.add_parser("evaluate", help="score a checkpoint on an eval JSONL (caption, VQA, detect, segment)",
                             description="Batched greedy decoding of every line of --data, scored with the task's "

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from paligemma.options import EVAL_TASKS, FAST_DTYPES, OPTIMIZERS, TRAINABLE
 from paligemma.viz.curves import draw_quietly
 
 from .common import check_file
@@ -52,10 +53,9 @@ _FLAGS = [
     ("--eval-task", "eval_task", str, "validation metric: exact_match (default) or a `paligemma evaluate` task"),
     ("--eval-vae", "eval_vae", str, "mask VQ-VAE .npz for --eval-task segment"),
 ]
-# Spelled out here (they mirror paligemma.fast.train) so that `--help` needs no jax import.
-_CHOICES = {"--optimizer": ("adamw", "sgd"), "--trainable": ("all", "no-vision", "attention", "lora"),
-            "--dtype": ("float32", "bfloat16"), "--frozen-dtype": ("float32", "bfloat16"),
-            "--eval-task": ("exact_match", "caption", "vqa", "vqav2", "chartqa", "detect", "segment")}
+# From paligemma.options (as paligemma.fast.train's are), so that `--help` needs no jax import.
+_CHOICES = {"--optimizer": OPTIMIZERS, "--trainable": TRAINABLE, "--dtype": FAST_DTYPES, "--frozen-dtype": FAST_DTYPES,
+            "--eval-task": EVAL_TASKS}
 
 
 def add_parser(commands, usage_error):

@@ -19,6 +19,8 @@ import json
 import sys
 import traceback
 
+from paligemma.options import QUANT_FORMATS
+
 from .common import DTYPES, IMPLS, PREPROCESS, Parser, StatusLines, UsageError, check_file, positive_int
 from .common import join_processes
 from .tasks import add_arguments as add_task_arguments
@@ -53,7 +55,7 @@ def build_parser():
     s.add_argument("--top-k", type=int, metavar="K")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
     s.add_argument("--beam", type=int, metavar="N", help="beam search with N beams")
-    g.add_argument("--quantize", choices=("int8", "int4"), help="quantize the weights on load (a quick try; "
+    g.add_argument("--quantize", choices=QUANT_FORMATS, help="quantize the weights on load (a quick try; "
                    "`paligemma quantize` saves a file); docs/quantization.md")
     g.add_argument("--keep", default="", metavar="SPEC", help="with --quantize: vision,embedding,ends[=K] stay float")
     g.add_argument("--no-final-softcap", action="store_true", help="load with final_logits_softcap=None")
