@@ -117,3 +117,28 @@ def join_processes(args):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
         if hasattr(args, "quiet"):
             args.quiet = True
+
+
+def demo_asset(name):
+    """A file of the embedded demo model (`ref/assets/`, installed next to `paligemma.ref`)."""
+    import paligemma.ref
+
+    return os.path.join(os.path.dirname(paligemma.ref.__file__), "assets", name)
+
+
+def model_files(args):
+    """(checkpoint, tokenizer, vae) from --checkpoint / --tokenizer / --vae, the embedded demo
+    model's files where none is given (its VAE only with the demo model).
+
+    Raises:
+      UsageError for only one of --checkpoint and --tokenizer, or a file that is missing.
+    """
+    if (args.checkpoint is None) != (args.tokenizer is None):
+        raise UsageError("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
+    checkpoint = args.checkpoint or demo_asset("demo-model.npz")
+    tokenizer = args.tokenizer or demo_asset("demo-tokenizer.model")
+    vae = args.vae or (None if args.checkpoint else demo_asset("demo-vae.npz"))
+    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae, "--vae")):
+        if path is not None:
+            check_file(path, flag, directory_ok=flag == "--checkpoint")
+    return checkpoint, tokenizer, vae

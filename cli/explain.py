@@ -11,16 +11,9 @@ index.html (open it in a browser, no server needed) and the arrays behind them (
 See paligemma/viz/explain.py for the list of files.
 """
 
-import os
 import sys
 
-from .common import check_file, positive_int
-
-
-def _asset(name):
-    import paligemma.ref
-
-    return os.path.join(os.path.dirname(paligemma.ref.__file__), "assets", name)
+from .common import check_file, model_files, positive_int
 
 
 def add_parser(commands, usage_error):
@@ -45,14 +38,8 @@ def add_parser(commands, usage_error):
 
 def run_explain(args, usage_error):
     """The `explain` command. Returns the exit status."""
-    if (args.checkpoint is None) != (args.tokenizer is None):
-        raise usage_error("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
-    checkpoint = args.checkpoint or _asset("demo-model.npz")
-    tokenizer = args.tokenizer or _asset("demo-tokenizer.model")
-    vae = args.vae or (None if args.checkpoint else _asset("demo-vae.npz"))
-    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae, "--vae"), (args.image, "--image")):
-        if path is not None:
-            check_file(path, flag, directory_ok=flag == "--checkpoint")
+    checkpoint, tokenizer, vae = model_files(args)
+    check_file(args.image, "--image")
     if args.layer != "all" and not args.layer.lstrip("-").isdigit():
         raise usage_error(f"--layer: expected a layer number or 'all', got {args.layer!r}")
     if args.head != "mean" and not args.head.isdigit():

@@ -13,7 +13,7 @@ the requests in flight and exits 0.
 import signal
 import sys
 
-from .common import StatusLines, positive_int
+from .common import StatusLines, model_files, positive_int
 
 DEMO_ID = "paligemma-demo"
 
@@ -52,16 +52,7 @@ def _files(args, usage_error):
     """(checkpoint, tokenizer, vae, model id) with the embedded demo model's files as defaults."""
     import os
 
-    from .demo import _asset
-
-    if (args.checkpoint is None) != (args.tokenizer is None):
-        raise usage_error("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
-    checkpoint = args.checkpoint or _asset("demo-model.npz")
-    tokenizer = args.tokenizer or _asset("demo-tokenizer.model")
-    vae = args.vae or (None if args.checkpoint else _asset("demo-vae.npz"))
-    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae, "--vae")):
-        if path is not None and not os.path.exists(path):
-            raise usage_error(f"{flag} {path}: no such file")
+    checkpoint, tokenizer, vae = model_files(args)
     name = args.model_name or (os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
                                if args.checkpoint else DEMO_ID)
     return checkpoint, tokenizer, vae, name
