@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from paligemma import ref
-from paligemma.cli.demo import _asset
+from paligemma.cli.common import demo_asset
 from paligemma.ref import shapes, vqvae
 from paligemma.ref.params import flatten
 
@@ -28,21 +28,21 @@ def _script(name):
 
 @pytest.fixture(scope="module")
 def metrics():
-    with open(_asset("demo-metrics.json")) as f:
+    with open(demo_asset("demo-metrics.json")) as f:
         return json.load(f)
 
 
 def test_the_assets_are_installed_small_and_load():
     for name in NAMES:
-        assert os.path.exists(_asset(name)), f"{name} missing from {os.path.dirname(_asset(name))}"
-    assert sum(os.path.getsize(_asset(n)) for n in NAMES) < 8 * 2**20  # "a few MB at most"
-    config, params = ref.load(_asset("demo-model.npz"))
-    tok = ref.Tokenizer(_asset("demo-tokenizer.model"))
+        assert os.path.exists(demo_asset(name)), f"{name} missing from {os.path.dirname(demo_asset(name))}"
+    assert sum(os.path.getsize(demo_asset(n)) for n in NAMES) < 8 * 2**20  # "a few MB at most"
+    config, params = ref.load(demo_asset("demo-model.npz"))
+    tok = ref.Tokenizer(demo_asset("demo-tokenizer.model"))
     assert config.llm.vocab_size == tok.vocab_size
     assert len(tok.loc_ids) == 1024 and len(tok.seg_ids) == 128
     assert config.vision.image_size * 2 == shapes.DEMO_SCENE["size"]  # the model reads the scenes at half size
     assert ref.count_params(config) == sum(np.size(a) for a in flatten(params).values())
-    vae = vqvae.load_vae(_asset("demo-vae.npz"))
+    vae = vqvae.load_vae(demo_asset("demo-vae.npz"))
     masks = vqvae.decode(vae, np.zeros((1, 16), int))  # [1, 64, 64]
     assert masks.shape == (1, 64, 64) and np.all(np.abs(masks) <= 1)
 
@@ -60,9 +60,9 @@ def test_docs_report_the_shipped_metrics(metrics):
 
 def test_held_out_accuracy_beats_image_blind_answers(tmp_path, metrics):
     train_demo, score_demo = _script("train_demo"), _script("score_demo")
-    vae = vqvae.load_vae(_asset("demo-vae.npz"))
+    vae = vqvae.load_vae(demo_asset("demo-vae.npz"))
     records = train_demo.write_split(str(tmp_path), "heldout", 60, 987_654, vae)  # a seed training never used
-    got = score_demo.score(_asset("demo-model.npz"), _asset("demo-tokenizer.model"), _asset("demo-vae.npz"),
+    got = score_demo.score(demo_asset("demo-model.npz"), demo_asset("demo-tokenizer.model"), demo_asset("demo-vae.npz"),
                            str(tmp_path / "heldout.jsonl"))
 
     def best_constant(task):  # the accuracy of always giving the most common answer
@@ -97,7 +97,7 @@ def test_structured_init_gives_loc_bins_and_patches_a_geometry():
     ones with dissimilar; patches of one row (or column) share half their position code;
     everything else keeps its random init."""
     train_demo = _script("train_demo")
-    tok = ref.Tokenizer(_asset("demo-tokenizer.model"))
+    tok = ref.Tokenizer(demo_asset("demo-tokenizer.model"))
     config = train_demo.demo_config(tok.vocab_size)
     params = ref.init_params(config, seed=0)
     out = train_demo.structured_init(params, config, tok, seed=0)

@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from finetune_fixtures import CAPTIONS, PREFIX, build, write_jsonl
-from paligemma.cli.demo import _asset
+from paligemma.cli.common import demo_asset
 from paligemma.fast import data, train_state
 from paligemma.fast.train import TrainConfig, make_optimizer, split_params
 from paligemma.parity.tolerances import FLOAT32_REORDERED
@@ -264,7 +264,7 @@ def _scenes(folder, n, seed=7):
 
 
 def test_generate_and_evaluate_two_processes_equal_one(tmp_path):
-    model = ["--checkpoint", _asset("demo-model.npz"), "--tokenizer", _asset("demo-tokenizer.model")]
+    model = ["--checkpoint", demo_asset("demo-model.npz"), "--tokenizer", demo_asset("demo-tokenizer.model")]
     mesh = ["--mesh", "data=2,model=4", "--max-new-tokens", "12", "--quiet"]
     evals, images = _scenes(str(tmp_path), 6)
     generate = ["generate", *model, *mesh, "--image", images[0], "--image", images[1], "--prompt", "caption en",

@@ -96,11 +96,11 @@ def test_put_rows_places_a_process_share():
 
 
 def test_evaluate_mesh_is_checked_before_loading(tmp_path, capsys):
-    from paligemma.cli.demo import _asset
+    from paligemma.cli.common import demo_asset
 
     data_file = tmp_path / "eval.jsonl"
     data_file.write_text('{"image": "x.png", "prefix": "caption en", "suffix": "a"}\n')
-    base = ["evaluate", "--checkpoint", _asset("demo-model.npz"), "--tokenizer", _asset("demo-tokenizer.model"),
+    base = ["evaluate", "--checkpoint", demo_asset("demo-model.npz"), "--tokenizer", demo_asset("demo-tokenizer.model"),
             "--data", str(data_file), "--task", "caption", "--out", str(tmp_path / "out")]
     assert main(base + ["--mesh", "data=2,tensor=4"]) == 2
     assert "mesh: bad part 'tensor=4'" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_a_process_whose_peers_never_come_ends_after_the_init_timeout(tmp_path):
     import subprocess
     import time
 
-    from paligemma.cli.demo import _asset
+    from paligemma.cli.common import demo_asset
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,8 +122,8 @@ def test_a_process_whose_peers_never_come_ends_after_the_init_timeout(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PALIGEMMA_", "XLA_FLAGS"))}
     env.update(PALIGEMMA_COORDINATOR=f"127.0.0.1:{port}", PALIGEMMA_NUM_PROCESSES="2", PALIGEMMA_PROCESS_ID="0",
                PALIGEMMA_INIT_TIMEOUT="3", JAX_PLATFORMS="cpu")
-    argv = [sys.executable, "-m", "paligemma.cli", "generate", "--checkpoint", _asset("demo-model.npz"),
-            "--tokenizer", _asset("demo-tokenizer.model"), "--image", str(tmp_path / "x.png"), "--prompt", "p"]
+    argv = [sys.executable, "-m", "paligemma.cli", "generate", "--checkpoint", demo_asset("demo-model.npz"),
+            "--tokenizer", demo_asset("demo-tokenizer.model"), "--image", str(tmp_path / "x.png"), "--prompt", "p"]
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     start = time.monotonic()
