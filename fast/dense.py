@@ -26,16 +26,18 @@ from paligemma.kernels import quant_cpu
 
 MIN_ROWS = 2  # one row: XLA's matrix-vector product already reads the weight in place
 MAX_ROWS = 16  # more rows (prefill): XLA's GEMM packs once for many rows and wins
+MAX_LOGIT_ROWS = 8  # the tied embedding (`dense_rows`): at 16 rows XLA measured as fast (bench/decode_rows.py)
 CPU_KERNEL = True  # read while tracing: False sends every float product to XLA
 
 
-def applies(w, x, tiles=True):
-    """Whether x [..., C] times the float weight w runs as a `quant_cpu` dense product here."""
+def applies(w, x, tiles=True, logits=False):
+    """Whether x [..., C] times the float weight w runs as a `quant_cpu` dense product here
+    (`logits`: w is the tied embedding [V, C], contracted along its rows)."""
     if not (tiles and CPU_KERNEL) or isinstance(w, dict) or not hasattr(w, "dtype"):
         return False
     rows = int(np.prod(x.shape[:-1]))
     return (jnp.dtype(w.dtype) == jnp.float32 and jnp.dtype(x.dtype) == jnp.float32
-            and MIN_ROWS <= rows <= MAX_ROWS and quant_cpu.available())
+            and MIN_ROWS <= rows <= (MAX_LOGIT_ROWS if logits else MAX_ROWS) and quant_cpu.available())
 
 
 @jax.custom_vjp

@@ -377,7 +377,7 @@ def logits(params, pre_logits, config: GemmaConfig, mesh=None):
     """
     table = params["embedder"]["input_embedding"]  # [V, D]
     cap = config.final_logits_softcap
-    if quant.routed(table, pre_logits, quant.tiled() and mesh is None):
+    if quant.routed(table, pre_logits, quant.tiled() and mesh is None, logits=True):
         out = quant.logits(pre_logits, table, quant.tiled() and mesh is None)  # [B, T, V]
         return cap * jnp.tanh(out / cap) if cap else out
     V, D = table.shape

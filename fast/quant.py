@@ -59,10 +59,10 @@ def is_quantized_tree(params):
     return any(is_quantized_tree(c) for c in children)
 
 
-def routed(w, x, tiles=True):
-    """Whether `fast.gemma` multiplies x by w here (`per_group`, `matmul`, `logits`): a quantized w,
-    or a float32 one with a few rows of x on the CPU (`fast.dense.applies`: batched decoding)."""
-    return is_quantized(w) or dense.applies(w, x, tiles)
+def routed(w, x, tiles=True, logits=False):
+    """Whether `fast.gemma` multiplies x by w here (`per_group`, `matmul`, `logits`: say so): a
+    quantized w, or a float32 one with a few rows of x on the CPU (`fast.dense.applies`: batched decoding)."""
+    return is_quantized(w) or dense.applies(w, x, tiles, logits)
 
 
 def format_of(w):

@@ -20,7 +20,7 @@ typedef float f32v __attribute__((vector_size(kLanes * 4)));
 inline f32v load_v(const float* p) { f32v v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store_v(float* p, f32v v) { std::memcpy(p, &v, sizeof v); }
 
-constexpr int64_t kPass = 8;  // contracted rows of w per pass over the accumulators (8 read streams)
+constexpr int64_t kPass = 16;  // contracted rows of w per pass over the accumulators (read streams)
 
 // acc[m, j] += sum_r x[m, c + r] w[c + r, o0 + j] for r < rows (<= kPass), j < width: each vector
 // of w is loaded once and multiplied into every row's accumulator (acc rows of stride `stride`).
@@ -32,13 +32,17 @@ inline void f32_pass(const float* x, int64_t C, int64_t M, const float* w, int64
   for (int64_t j = 0; j < vec; j += kLanes) {
     f32v wr[kPass];
     for (int64_t r = 0; r < kPass; ++r) wr[r] = r < rows ? load_v(row[r] + j) : f32v{};
+    // Two chains of fused multiply-adds per row of x, added to the accumulator once per pass: the
+    // rows' chains are independent, so they overlap (a tree of adds costs ~1.5x the instructions),
+    // and the accumulator takes one rounded add per kPass rows (fewer sequential roundings).
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * C + c;
-      f32v p[kPass];
-      for (int64_t r = 0; r < kPass; ++r) p[r] = wr[r] * (r < rows ? xm[r] : 0.f);
-      for (int64_t n = kPass / 2; n >= 1; n /= 2)  // a tree, not a chain of dependent adds
-        for (int64_t r = 0; r < n; ++r) p[r] += p[r + n];
-      store_v(acc + m * stride + j, load_v(acc + m * stride + j) + p[0]);
+      f32v a = wr[0] * xm[0], b = wr[kPass / 2] * (kPass / 2 < rows ? xm[kPass / 2] : 0.f);
+      for (int64_t r = 1; r < kPass / 2; ++r) {
+        a += wr[r] * (r < rows ? xm[r] : 0.f);
+        b += wr[kPass / 2 + r] * (kPass / 2 + r < rows ? xm[kPass / 2 + r] : 0.f);
+      }
+      store_v(acc + m * stride + j, load_v(acc + m * stride + j) + (a + b));
     }
   }
   for (int64_t j = vec; j < width; ++j)
@@ -49,26 +53,43 @@ inline void f32_pass(const float* x, int64_t C, int64_t M, const float* w, int64
     }
 }
 
-// Output channels [o0, o1) of x [M, C] @ w [C, O] into out [M, O]: passes of kPass rows of w over
-// the accumulators [M, o1 - o0] (kept in L2), so w streams from memory once, row by row.
+// Output channels [o0, o1) of x [M, C] @ w [C, O], contracted rows [c0, c1) only, into out [M, O]
+// (row stride `out_stride`): passes of kPass rows of w over the accumulators [M, o1 - o0] (kept in
+// L2), so w streams from memory once, row by row.
 void f32_columns(const float* x, int64_t M, int64_t C, const float* w, int64_t O, int64_t o0, int64_t o1,
-                 float* out) {
+                 int64_t c0, int64_t c1, float* out, int64_t out_stride) {
   // Accumulator rows 64 bytes longer than a multiple of 4 KiB apart (see `columns`: false aliasing).
   const int64_t width = o1 - o0, stride = (width + kLanes - 1) / kLanes * kLanes + 16;
   std::vector<float> acc(M * stride, 0.f);
-  for (int64_t c = 0; c < C; c += kPass)
-    f32_pass(x, C, M, w, O, c, std::min(kPass, C - c), o0, width, acc.data(), stride);
-  for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * O + o0, acc.data() + m * stride, width * sizeof(float));
+  for (int64_t c = c0; c < c1; c += kPass)
+    f32_pass(x, C, M, w, O, c, std::min(kPass, c1 - c), o0, width, acc.data(), stride);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * out_stride + o0, acc.data() + m * stride, width * sizeof(float));
 }
 
-// x [G, M, C] @ w [G, C, O] -> out [G, M, O] on all threads: work items (g, 64 channels), each
-// thread a contiguous run of them.
+// x [G, M, C] @ w [G, C, O] -> out [G, M, O] on all threads.
 void f32_columns_all(const float* x, int64_t G, int64_t M, int64_t C, const float* w, int64_t O, float* out) {
+  // One weight with rows up to kShortRow (the attention output, the MLP's down projection): the
+  // threads split the contracted rows, so that each reads one contiguous stretch of w rather than
+  // a piece of every row, and their partial sums are added (as quant_cpu.cc's `columns_all`).
+  if (G == 1 && O <= kShortRow && C >= 4 * kPass) {
+    const int64_t units = (C + kPass - 1) / kPass, workers = worker_count();
+    std::vector<float> parts(workers * M * O, 0.f);
+    parallel_parts(units, 4, [&](int64_t u0, int64_t u1, int64_t t) {
+      f32_columns(x, M, C, w, O, 0, O, u0 * kPass, std::min(C, u1 * kPass), parts.data() + t * M * O, O);
+    });
+    for (int64_t i = 0; i < M * O; ++i) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < workers; ++t) sum += parts[t * M * O + i];
+      out[i] = sum;
+    }
+    return;
+  }
+  // Work items: (g, 64 channels); each thread takes a contiguous run of them.
   const int64_t blocks = (O + 63) / 64;
   parallel_ranges(G * blocks, 2, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end;) {
       const int64_t g = item / blocks, first = item % blocks, last = std::min(blocks, first + (end - item));
-      f32_columns(x + g * M * C, M, C, w + g * C * O, O, first * 64, std::min(O, last * 64), out + g * M * O);
+      f32_columns(x + g * M * C, M, C, w + g * C * O, O, first * 64, std::min(O, last * 64), 0, C, out + g * M * O, O);
       item += last - first;
     }
   });
@@ -80,35 +101,53 @@ inline float f32_lanes_sum(f32v a) {
   return sum;
 }
 
-// out[m, vs[i]] for rows m of x [m0, m0 + kM) and the kV rows vs of w (w [V, C], dotted along
-// its rows): each vector of the kV rows of w is loaded once per kM rows of x, the kV x kM sums are
-// independent chains, and the kV rows are parallel read streams (`by_quarters`).
+constexpr int64_t kChunk = 256;  // contracted elements per block of `f32_rows`: x [<= 16, kChunk] stays in L1
+
+// a[i][m] += x[m0 + m, c0:c1] . row[i][c0:c1] for kV rows of w and kM rows of x (c1 - c0 a
+// multiple of kLanes): each vector of the kV rows is loaded once for the kM rows, each vector of x
+// once for the kV rows; the kV x kM sums are independent chains.
 template <int kV, int kM>
-inline void f32_row_dots(const float* x, int64_t C, int64_t m0, const float* w, const int64_t* vs, float* out,
-                         int64_t V) {
-  f32v a[kV][kM] = {};
-  const int64_t vec = C / kLanes * kLanes;
-  for (int64_t c = 0; c < vec; c += kLanes)
-    for (int i = 0; i < kV; ++i) {
-      const float* row = w + vs[i] * C;
-      if (c % 16 == 0) __builtin_prefetch(row + c + kAhead / 4);
-      const f32v e = load_v(row + c);
-      for (int m = 0; m < kM; ++m) a[i][m] += load_v(x + (m0 + m) * C + c) * e;
-    }
+inline void f32_row_block(const float* x, int64_t C, int64_t m0, const float* const* row, int64_t c0, int64_t c1,
+                          f32v* acc, int64_t M) {
+  f32v a[kV][kM];
   for (int i = 0; i < kV; ++i)
+    for (int m = 0; m < kM; ++m) a[i][m] = acc[i * M + m0 + m];
+  for (int64_t c = c0; c < c1; c += kLanes) {
+    f32v e[kV];
+    for (int i = 0; i < kV; ++i) e[i] = load_v(row[i] + c);
     for (int m = 0; m < kM; ++m) {
-      float sum = f32_lanes_sum(a[i][m]);
-      for (int64_t c = vec; c < C; ++c) sum += x[(m0 + m) * C + c] * w[vs[i] * C + c];
-      out[(m0 + m) * V + vs[i]] = sum;
+      const f32v xv = load_v(x + (m0 + m) * C + c);
+      for (int i = 0; i < kV; ++i) a[i][m] += xv * e[i];
     }
+  }
+  for (int i = 0; i < kV; ++i)
+    for (int m = 0; m < kM; ++m) acc[i * M + m0 + m] = a[i][m];
 }
 
-// The rows vs of w against every row of x, 4 rows of x at a time.
+// out[m, vs[i]] = x[m] . w[vs[i]] for every row m of x and the kV rows vs of w (w [V, C], dotted
+// along its rows). The contracted axis goes by blocks of kChunk: a block of the kV rows (parallel
+// read streams, `by_quarters`) is read from memory once and from L1 by every row of x, whose
+// block [M, kChunk] stays there too (x whole, [16, 2048], would not: every load an L2 miss).
 template <int kV>
 void f32_rows_of(const float* x, int64_t M, int64_t C, const float* w, int64_t V, const int64_t* vs, float* out) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) f32_row_dots<kV, 4>(x, C, m, w, vs, out, V);
-  for (; m < M; ++m) f32_row_dots<kV, 1>(x, C, m, w, vs, out, V);
+  const float* row[kV];
+  for (int i = 0; i < kV; ++i) row[i] = w + vs[i] * C;
+  std::vector<f32v> acc(kV * M, f32v{});
+  const int64_t vec = C / kLanes * kLanes;
+  for (int64_t c0 = 0; c0 < vec; c0 += kChunk) {
+    const int64_t c1 = std::min(vec, c0 + kChunk);
+    for (int i = 0; i < kV; ++i)  // every cache line of the block kAhead bytes ahead
+      for (int64_t c = c0; c < c1; c += 16) __builtin_prefetch(row[i] + c + kAhead / 4);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f32_row_block<kV, 4>(x, C, m, row, c0, c1, acc.data(), M);
+    for (; m < M; ++m) f32_row_block<kV, 1>(x, C, m, row, c0, c1, acc.data(), M);
+  }
+  for (int i = 0; i < kV; ++i)
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = f32_lanes_sum(acc[i * M + m]);
+      for (int64_t c = vec; c < C; ++c) sum += x[m * C + c] * row[i][c];
+      out[m * V + vs[i]] = sum;
+    }
 }
 
 // Rows [v0, v1) of w: x [M, C] @ w[v0:v1]^T into out [M, V].

@@ -89,6 +89,7 @@ def test_routing_keeps_xla_where_it_must():
     assert not dense.applies(w, rows(1)) and not dense.applies(w, rows(17))
     assert not dense.applies(w16, rows(8)) and not dense.applies(w, rows(8, jnp.bfloat16))
     assert not dense.applies(w, rows(8), tiles=False)
+    assert dense.applies(w, rows(8), logits=True) and not dense.applies(w, rows(9), logits=True)
 
 
 def test_gradients_are_xlas():
