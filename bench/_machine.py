@@ -1,4 +1,5 @@
-"""What the benchmark scripts measure about this process and this machine (Linux /proc).
+"""What the benchmark scripts measure about this process and this machine (Linux /proc), and
+the machine's decode floors (`ReadFloor`, `copy_bandwidth`, `weights_read_seconds`).
 
 Imported by the scripts in this folder (`python bench/x.py` puts `bench/` on sys.path).
 """
@@ -70,11 +71,12 @@ class ReadFloor:
         seconds = weights_read_seconds(params, bw)
     """
 
-    def __init__(self, gib=1.0, cols=4096):
+    def __init__(self, gib=1.0, cols=4096, matrix=None):
+        """`matrix`: a float32 array of ~gib to read (e.g. a copy benchmark's source), else new ones."""
         import jax
         import jax.numpy as jnp
         rows = int(gib * (1 << 30)) // (4 * cols)
-        self.a = np.ones((rows, cols), np.float32)
+        self.a = np.ones((rows, cols), np.float32) if matrix is None else matrix.reshape(-1, cols)
         self.x = np.ones(cols, np.float32)
         self.ja, self.jx = jnp.asarray(self.a), jnp.asarray(self.x)
         self.jdot = jax.jit(jnp.dot)
