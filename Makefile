@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: demo test install tpu-env clean
+.PHONY: demo test install tpu-env clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,interop]'
+	$(PY) -m pip install --quiet -e '.[test,interop,viz]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,11 +27,15 @@ $(TPU_STAMP): pyproject.toml
 
 tpu-env: $(TPU_STAMP)
 
+# Headless Chromium and its driver from Debian (as root) for the tests that open pages.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
 demo: $(STAMP)
 	$(PY) -m paligemma.cli demo
 
-test: $(STAMP) $(TPU_STAMP)
-	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 $(PY) -m pytest -q -n 2 tests
+test: $(STAMP) $(TPU_STAMP) browser
+	PALIGEMMA_REQUIRE_TPU=1 PALIGEMMA_REQUIRE_CPU_KERNELS=1 PALIGEMMA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,12 +1,18 @@
 """What the benchmark scripts measure about this process and this machine (Linux /proc), and
-the machine's decode floors (`ReadFloor`, `copy_bandwidth`, `weights_read_seconds`).
+the worker processes they measure in, and the machine's decode floors (`ReadFloor`,
+`copy_bandwidth`, `weights_read_seconds`).
 
 Imported by the scripts in this folder (`python bench/x.py` puts `bench/` on sys.path).
 """
 
+import json
+import subprocess
 import time
 
 import numpy as np
+
+# A worker answers each command with one stdout line that starts with this; other output is noise.
+MARK = "@@bench@@ "
 
 
 def peak_rss():
@@ -50,6 +56,32 @@ def wait_until_quiet(threshold, max_wait):
     while busy > threshold and time.perf_counter() - start < max_wait:
         busy = busy_fraction(2.0)
     return busy
+
+
+class WorkerProcess:
+    """A benchmark worker: a child that reads one JSON command per line on stdin and answers each
+    with one `MARK` line of JSON (`{"error": ...}` on failure); its stderr goes to `log_path`.
+
+        w = WorkerProcess("int8", [sys.executable, "bench/x.py", "--worker"], "out/worker-int8.log")
+        w.call("load", dtype="bfloat16")     # the answer as a dict; RuntimeError if it failed
+    """
+
+    def __init__(self, name, argv, log_path, env=None):
+        self.name, self.log_path = name, log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
+
+    def call(self, op, **kw):
+        self.proc.stdin.write(json.dumps({"op": op, "kw": kw}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                result = json.loads(line[len(MARK):])
+                if "error" in result:
+                    raise RuntimeError(f"worker {self.name}, {op}: {result['error']}")
+                return result
+        raise RuntimeError(f"worker {self.name} exited during {op}; see {self.log_path}")
 
 
 # --- The decode floors: the language model's weights read once --------------------------------

@@ -51,7 +51,7 @@ def random_params(config, dtype, seed=0, chunk_bytes=64 << 20, per_layer=False):
     import jax
     import jax.numpy as jnp
     from paligemma import ref
-    from paligemma.ref.params import _fan_in
+    from paligemma.ref.params import fan_in
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnames=("rows", "scale", "offset"))
     def fill(buf, start, key, rows, scale, offset):
@@ -82,7 +82,7 @@ def random_params(config, dtype, seed=0, chunk_bytes=64 << 20, per_layer=False):
         elif path.endswith("bias"):
             scale, offset = 0.02, 0.0
         else:
-            scale, offset = _fan_in(path, shape) ** -0.5, 0.0
+            scale, offset = fan_in(path, shape) ** -0.5, 0.0
         key = jax.random.fold_in(root, i)
         if per_layer and path.startswith("llm/layers/"):
             layers = layers or [{} for _ in range(shape[0])]

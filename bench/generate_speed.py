@@ -50,15 +50,13 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
 
 import numpy as np
-from _machine import ReadFloor, peak_rss as _rss, reset_peak as _reset_peak, wait_until_quiet
+from _machine import MARK, ReadFloor, WorkerProcess, peak_rss as _rss, reset_peak as _reset_peak, wait_until_quiet
 
-MARK = "@@bench@@ "
 
 
 # --- The model, the inputs, the FLOP and byte counts ----------------------------------------
@@ -338,29 +336,14 @@ def worker_main(args):
 # --- The parent: weights, workers, rounds, the table ----------------------------------------
 
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, name, kind, args, extra_env=None, extra_argv=()):
-        self.name = name
-        self.log_path = os.path.join(args.dir, f"worker-{name}.log")
-        self.log = open(self.log_path, "w")
         argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--weights", args.weights,
                 "--dir", args.dir, "--vision-depth", str(args.vision_depth), "--text-depth", str(args.text_depth),
                 "--text-tokens", str(args.text_tokens), "--new-tokens", str(args.new_tokens),
                 "--fast-compute", args.fast_compute, *extra_argv]
-        env = dict(os.environ, **(extra_env or {}))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
-
-    def call(self, op, **kw):
-        self.proc.stdin.write(json.dumps({"op": op, "kw": kw}) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                result = json.loads(line[len(MARK):])
-                if "error" in result:
-                    raise RuntimeError(f"worker {self.name}, {op}: {result['error']}")
-                return result
-        raise RuntimeError(f"worker {self.name} exited during {op}; see {self.log_path}")
+        super().__init__(name, argv, os.path.join(args.dir, f"worker-{name}.log"),
+                         dict(os.environ, **(extra_env or {})))
 
 
 def ensure_weights(args, config):

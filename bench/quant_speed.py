@@ -29,13 +29,12 @@ tokens at batch 1, each model in its own worker; peak RSS is the worker's VmHWM.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
-from _machine import peak_rss, wait_until_quiet
-from generate_speed import (MARK, FastImpl, FloorImpl, bench_config, decode_bytes, decode_flops, ensure_weights,
+from _machine import MARK, WorkerProcess, peak_rss, wait_until_quiet
+from generate_speed import (FastImpl, FloorImpl, bench_config, decode_bytes, decode_flops, ensure_weights,
                             machine_info)
 
 FORMATS = ("float32", "bfloat16", "int8", "int4", "int8-xla", "int4-xla")
@@ -217,27 +216,13 @@ def worker_main(args):
             return
 
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, name, args, *extra):
-        self.name = name
-        self.log_path = os.path.join(args.dir, f"quant-worker-{name}.log")
-        self.log = open(self.log_path, "w")
         argv = [sys.executable, os.path.abspath(__file__), "--worker", "--weights", args.weights or "",
                 "--dir", args.dir, "--vision-depth", str(args.vision_depth), "--text-depth", str(args.text_depth),
                 "--text-tokens", str(args.text_tokens), "--new-tokens", str(args.new_tokens),
                 "--steps", str(args.steps), *extra]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-
-    def call(self, op, **kw):
-        self.proc.stdin.write(json.dumps({"op": op, "kw": kw}) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                result = json.loads(line[len(MARK):])
-                if "error" in result:
-                    raise RuntimeError(f"worker {self.name}, {op}: {result['error']}")
-                return result
-        raise RuntimeError(f"worker {self.name} exited during {op}; see {self.log_path}")
+        super().__init__(name, argv, os.path.join(args.dir, f"quant-worker-{name}.log"))
 
 
 # --- The parent -----------------------------------------------------------------------------

@@ -5,12 +5,14 @@ types, file checks and the progress lines. Subcommand modules import this module
 import argparse
 import contextlib
 import os
+import sys
 import time
 
-# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant.
-IMPLS = ("fast", "ref")
-DTYPES = ("float32", "bfloat16", "float64")
-PREPROCESS = ("big_vision", "hf")
+# paligemma.fast (and so jax) is imported only when a command runs, so `--help` stays instant;
+# the option lists come from paligemma.options, which imports nothing.
+from paligemma.options import DTYPES, IMPLS, PREPROCESS
+
+__all__ = ["DTYPES", "IMPLS", "PREPROCESS", "Parser", "StatusLines", "UsageError", "check_file", "positive_int"]
 
 
 class UsageError(ValueError):
@@ -83,3 +85,60 @@ def check_file(path, flag, directory_ok=False):
             pass
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+
+
+def join_processes(args):
+    """Several JAX processes (PALIGEMMA_COORDINATOR etc. set, `paligemma.fast.distributed`): joins
+    them before the command touches a device; in every process but 0 the command then prints no
+    progress and no results (process 0 does), errors still. Native libraries' prints (gloo, the
+    CPU collectives, writes "[Gloo] Rank 0 is connected to 7 peer ranks ..." to file descriptor 1)
+    go to stderr, so stdout carries the results alone. A no-op without the variables."""
+    if not any(name in os.environ for name in ("PALIGEMMA_COORDINATOR", "PALIGEMMA_NUM_PROCESSES",
+                                               "PALIGEMMA_PROCESS_ID")):
+        return
+    from paligemma.fast import distributed
+
+    joining = distributed.settings()
+    if joining and not getattr(args, "quiet", False):
+        where = joining.get("coordinator_address", "the cluster's coordinator")
+        print(f"paligemma: joining as process {joining.get('process_id', '(auto)')} of "
+              f"{joining.get('num_processes', '(auto)')} at {where}, waiting up to "
+              f"{joining['initialization_timeout']} s", file=sys.stderr, flush=True)
+    if not distributed.initialize():
+        return
+    sys.stdout.flush()
+    results = os.dup(1)
+    os.dup2(2, 1)  # what C and C++ code print from now on goes to stderr
+    if distributed.is_writer():
+        encoding, errors = sys.stdout.encoding, sys.stdout.errors
+        sys.stdout = open(results, "w", buffering=1, encoding=encoding, errors=errors)  # noqa: SIM115
+    else:
+        os.close(results)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        if hasattr(args, "quiet"):
+            args.quiet = True
+
+
+def demo_asset(name):
+    """A file of the embedded demo model (`ref/assets/`, installed next to `paligemma.ref`)."""
+    import paligemma.ref
+
+    return os.path.join(os.path.dirname(paligemma.ref.__file__), "assets", name)
+
+
+def model_files(args):
+    """(checkpoint, tokenizer, vae) from --checkpoint / --tokenizer / --vae, the embedded demo
+    model's files where none is given (its VAE only with the demo model).
+
+    Raises:
+      UsageError for only one of --checkpoint and --tokenizer, or a file that is missing.
+    """
+    if (args.checkpoint is None) != (args.tokenizer is None):
+        raise UsageError("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
+    checkpoint = args.checkpoint or demo_asset("demo-model.npz")
+    tokenizer = args.tokenizer or demo_asset("demo-tokenizer.model")
+    vae = args.vae or (None if args.checkpoint else demo_asset("demo-vae.npz"))
+    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae, "--vae")):
+        if path is not None:
+            check_file(path, flag, directory_ok=flag == "--checkpoint")
+    return checkpoint, tokenizer, vae

@@ -15,11 +15,7 @@ box and segmented mask on the image.
 import os
 import sys
 
-def _asset(name):
-    """A file of the embedded demo model: installed next to `paligemma.ref`."""
-    import paligemma.ref
-
-    return os.path.join(os.path.dirname(paligemma.ref.__file__), "assets", name)
+from .common import model_files
 
 
 def add_parser(commands, usage_error):
@@ -57,15 +53,7 @@ def run_demo(args, usage_error):
     from paligemma.ref.draw import save_png
     from paligemma.ref.image import load_image
 
-    given = [args.checkpoint is not None, args.tokenizer is not None]
-    if any(given) and not all(given):
-        raise usage_error("--checkpoint and --tokenizer go together (both default to the embedded demo model)")
-    checkpoint = args.checkpoint or _asset("demo-model.npz")
-    tokenizer = args.tokenizer or _asset("demo-tokenizer.model")
-    vae_path = args.vae or (None if args.checkpoint else _asset("demo-vae.npz"))
-    for path, flag in ((checkpoint, "--checkpoint"), (tokenizer, "--tokenizer"), (vae_path, "--vae")):
-        if path is not None and not os.path.exists(path):
-            raise usage_error(f"{flag} {path}: no such file")
+    checkpoint, tokenizer, vae_path = model_files(args)
     os.makedirs(args.out, exist_ok=True)
     seed = args.seed if args.seed is not None else int(time.time() * 1000) % (2**31)
     rng = np.random.default_rng(seed)

@@ -3,6 +3,7 @@
     paligemma evaluate --checkpoint out/model.npz --tokenizer tok.model --data val.jsonl \\
         --task vqav2 --out eval/ [--batch-size 8] [--max-new-tokens 32]
     paligemma evaluate ... --task segment --vae vae-oid.npz           # masks need the VQ-VAE
+    paligemma evaluate ... --mesh data=2,model=4                      # split over 8 devices (docs/scaling.md)
 
 Greedy decoding in batches (a progress bar on stderr), then OUT/predictions.jsonl (one line
 per example with its id) and OUT/metrics.json (the task's metric, "count" and "invalid": the
@@ -15,15 +16,14 @@ import json
 import os
 import sys
 
-from .common import DTYPES, IMPLS, PREPROCESS, StatusLines, check_file, positive_int
+from paligemma.options import CONVENTIONS, TASKS
 
-TASKS = ("caption", "vqa", "vqav2", "chartqa", "detect", "segment")  # paligemma.ref.scoring.TASKS
+from .common import DTYPES, IMPLS, PREPROCESS, StatusLines, check_file, positive_int
 
 
 def add_parser(commands, usage_error):
     """Registers `evaluate` on the `paligemma` subcommands; `usage_error` is the CLI's UsageError."""
     from .media import DEFAULT_FRAMES, DEFAULT_STRIDE
-    from .tasks import CONVENTIONS
 
     e = commands.add_parser("evaluate", help="score a checkpoint on an eval JSONL (caption, VQA, detect, segment)",
                             description="Batched greedy decoding of every line of --data, scored with the task's "
@@ -43,6 +43,8 @@ def add_parser(commands, usage_error):
     e.add_argument("--impl", choices=IMPLS, default="fast")
     e.add_argument("--dtype", choices=DTYPES, default="float32", help="float64: --impl ref only")
     e.add_argument("--preprocess", choices=PREPROCESS, default="big_vision")
+    e.add_argument("--mesh", metavar="SPEC", help="split the model and the batch over devices, e.g. data=2,model=4 "
+                                                   "(docs/scaling.md)")
     e.add_argument("--quiet", action="store_true", help="no progress on stderr")
     e.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     e.set_defaults(run=lambda args: run_evaluate(args, usage_error))
@@ -75,6 +77,12 @@ def run_evaluate(args, usage_error):
         check_file(args.vae, "--vae")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise usage_error(f"--out {args.out}: exists and is not a directory")
+    if args.mesh is not None:
+        if args.impl != "fast":
+            raise usage_error("--mesh needs --impl fast (the NumPy reference runs on the host)")
+        from paligemma.fast import sharding
+
+        sharding.parse_mesh(args.mesh, sharding.INFERENCE_AXES)  # a bad spec fails before the checkpoint is read
 
     from paligemma.fast.evaluate import evaluate_file, read_eval
     from paligemma.fast.pipeline import PaliGemma
@@ -83,7 +91,7 @@ def run_evaluate(args, usage_error):
     decode = _vae_decoder(args)
     status = StatusLines(sys.stderr, enabled=not args.quiet)
     model = PaliGemma.load(args.checkpoint, args.tokenizer, impl=args.impl, dtype=args.dtype,
-                           preprocess=args.preprocess, progress=status)
+                           preprocess=args.preprocess, progress=status, mesh=args.mesh)
     result = evaluate_file(model, args.data, args.task, args.out, args.batch_size, args.max_new_tokens, decode,
                            args.image_root, args.frames, args.stride, args.convention, progress=not args.quiet)
     sys.stdout.write(json.dumps({"task": args.task, **result.report.as_dict()}) + "\n")

@@ -7,11 +7,17 @@
 Training flags left out take `paligemma.fast.train.TrainConfig`'s defaults. `--resume DIR`
 continues from DIR's newest checkpoint with the settings DIR/run.json recorded (only `--steps`
 may be raised). A tqdm bar shows step, loss, learning rate and examples/s on stderr, a summary
-follows at the end; `--quiet` turns both off. Bad data lines stop the run before training with
-their `file:line` (exit 2) unless `--skip-bad-lines`.
+follows at the end; `--quiet` turns both off. `loss.png`, the training curves (`paligemma plot`),
+is drawn into the run folder at each checkpoint and at the end. Bad data lines stop the run before
+training with their `file:line` (exit 2) unless `--skip-bad-lines`.
 """
 
+import json
+import os
 import sys
+
+from paligemma.options import EVAL_TASKS, FAST_DTYPES, OPTIMIZERS, TRAINABLE
+from paligemma.viz.curves import draw_quietly
 
 from .common import check_file
 
@@ -47,10 +53,9 @@ _FLAGS = [
     ("--eval-task", "eval_task", str, "validation metric: exact_match (default) or a `paligemma evaluate` task"),
     ("--eval-vae", "eval_vae", str, "mask VQ-VAE .npz for --eval-task segment"),
 ]
-# Spelled out here (they mirror paligemma.fast.train) so that `--help` needs no jax import.
-_CHOICES = {"--optimizer": ("adamw", "sgd"), "--trainable": ("all", "no-vision", "attention", "lora"),
-            "--dtype": ("float32", "bfloat16"), "--frozen-dtype": ("float32", "bfloat16"),
-            "--eval-task": ("exact_match", "caption", "vqa", "vqav2", "chartqa", "detect", "segment")}
+# From paligemma.options (as paligemma.fast.train's are), so that `--help` needs no jax import.
+_CHOICES = {"--optimizer": OPTIMIZERS, "--trainable": TRAINABLE, "--dtype": FAST_DTYPES, "--frozen-dtype": FAST_DTYPES,
+            "--eval-task": EVAL_TASKS}
 
 
 def add_parser(commands, usage_error):
@@ -101,7 +106,9 @@ def run_finetune(args, usage_error):
                               f"(got {', '.join(named + others) or '--skip-bad-lines'})")
         from paligemma.fast.finetune import resume
 
-        resume(args.resume, progress=not args.quiet, export=export, **given)
+        resume(args.resume, progress=not args.quiet, export=export, **given,
+               on_step=_draw_at_checkpoints(args.resume, _recorded_checkpoint_every(args.resume)))
+        draw_quietly(args.resume, sys.stderr)  # loss.png at the end
         return 0
     missing = [f"--{n}" for n in ("checkpoint", "tokenizer", "train", "out") if getattr(args, n) is None]
     if missing:
@@ -116,5 +123,27 @@ def run_finetune(args, usage_error):
 
     config = TrainConfig(**given)
     finetune(args.checkpoint, args.tokenizer, args.train, args.out, config, val=args.val, image_root=args.image_root,
-             skip_bad=args.skip_bad_lines, progress=not args.quiet, export=export, stream=sys.stderr)
+             skip_bad=args.skip_bad_lines, progress=not args.quiet, export=export, stream=sys.stderr,
+             on_step=_draw_at_checkpoints(args.out, config.checkpoint_every))
+    draw_quietly(args.out, sys.stderr)  # loss.png at the end
     return 0
+
+
+def _draw_at_checkpoints(out, every):
+    """An `on_step` that draws OUT/loss.png (paligemma/viz/curves.py) at each checkpoint step; a
+    failure to draw only warns, it never stops training."""
+
+    def on_step(step, metrics):
+        if every and step % every == 0:
+            draw_quietly(out, sys.stderr)
+
+    return on_step
+
+
+def _recorded_checkpoint_every(run):
+    """The checkpoint interval run/run.json recorded (0 if unreadable: `resume` reports that)."""
+    try:
+        with open(os.path.join(run, "run.json")) as f:
+            return int(json.load(f)["config"]["checkpoint_every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

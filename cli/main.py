@@ -1,5 +1,5 @@
 """`paligemma generate`: load a checkpoint and a tokenizer, print the text for each (image, prompt).
-(`paligemma finetune`: see cli/finetune.py.)
+(`paligemma finetune`: see cli/finetune.py; `paligemma launch`, several JAX processes: cli/launch.py.)
 
     paligemma generate --checkpoint model.npz --tokenizer tok.model --image cat.jpg --prompt "caption en"
     paligemma generate ... --image a.jpg --image b.jpg --prompt "caption en"      # one prompt, two images
@@ -19,7 +19,10 @@ import json
 import sys
 import traceback
 
+from paligemma.options import QUANT_FORMATS
+
 from .common import DTYPES, IMPLS, PREPROCESS, Parser, StatusLines, UsageError, check_file, positive_int
+from .common import join_processes
 from .tasks import add_arguments as add_task_arguments
 from .tasks import check_arguments as check_task_arguments
 from .tasks import task_outputs
@@ -52,7 +55,7 @@ def build_parser():
     s.add_argument("--top-k", type=int, metavar="K")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
     s.add_argument("--beam", type=int, metavar="N", help="beam search with N beams")
-    g.add_argument("--quantize", choices=("int8", "int4"), help="quantize the weights on load (a quick try; "
+    g.add_argument("--quantize", choices=QUANT_FORMATS, help="quantize the weights on load (a quick try; "
                    "`paligemma quantize` saves a file); docs/quantization.md")
     g.add_argument("--keep", default="", metavar="SPEC", help="with --quantize: vision,embedding,ends[=K] stay float")
     g.add_argument("--no-final-softcap", action="store_true", help="load with final_logits_softcap=None")
@@ -74,6 +77,14 @@ def build_parser():
     add_quantize(commands, UsageError)
     from .evaluate import add_parser as add_evaluate
     add_evaluate(commands, UsageError)
+    from .explain import add_parser as add_explain
+    add_explain(commands, UsageError)
+    from .plot import add_parser as add_plot
+    add_plot(commands, UsageError)
+    from .serve import add_parser as add_serve
+    add_serve(commands, UsageError)
+    from .launch import add_parser as add_launch
+    add_launch(commands, UsageError)
     return parser
 
 
@@ -204,6 +215,8 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed its one line (or --help)
         return e.code if isinstance(e.code, int) else 2
     try:
+        if args.command != "launch":
+            join_processes(args)  # several JAX processes: join before any device is touched
         return args.run(args)
     except (ValueError, OSError) as e:  # bad files, mismatched inputs, bad values: the user's to fix
         if args.debug:

@@ -14,9 +14,9 @@ marks the first), 2 for a usage error or an unreadable file. docs/porting.md wal
 import json
 import sys
 
-from .common import PREPROCESS, check_file
+from paligemma.options import CHECK_DTYPES
 
-CHECK_DTYPES = ("float32", "bfloat16", "float16", "float64")
+from .common import PREPROCESS, check_file
 
 
 def add_parser(commands, usage_error):

@@ -11,9 +11,9 @@ and written one slice at a time, so a bfloat16 checkpoint never needs its float3
 import os
 import sys
 
-from .common import StatusLines, check_file
+from paligemma.options import QUANT_FORMATS, SCALE_DTYPES
 
-FORMATS = ("int8", "int4")  # spelled out (they mirror paligemma.ref.quant) for an instant --help
+from .common import StatusLines, check_file
 
 
 def add_parser(commands, usage_error):
@@ -23,12 +23,12 @@ def add_parser(commands, usage_error):
                                         "int4 in groups along the contracted axis (docs/quantization.md).")
     q.add_argument("--checkpoint", required=True, metavar="PATH", help="big_vision .npz, .safetensors or HF dir")
     q.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
-    q.add_argument("--format", required=True, choices=FORMATS)
+    q.add_argument("--format", required=True, choices=QUANT_FORMATS)
     q.add_argument("--keep", default="none", metavar="SPEC",
                    help="weights left in their stored float dtype: none, or a comma list of vision, embedding, "
                         "ends (first and last LLM layer) or ends=K")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="int4 group size (even)")
-    q.add_argument("--scale-dtype", choices=("float32", "bfloat16"), default="float32")
+    q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float32")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--quiet", action="store_true", help="no summary on stderr")
     q.add_argument("--debug", action="store_true", help="show tracebacks for errors")

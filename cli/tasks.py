@@ -16,8 +16,9 @@ runs of 0 and 1 starting with 0; the demo convention's soft mask is read as > 0.
 
 import os
 
-TASKS = ("detect", "segment")
-CONVENTIONS = ("big_vision", "demo")  # paligemma.ref.tasks.CONVENTIONS (not imported: --help stays fast)
+from paligemma.options import CONVENTIONS
+
+TASKS = ("detect", "segment")  # the prompts whose answers are parsed into objects
 NEEDS_VAE = ("segment masks are not decoded without --vae PATH (the mask VQ-VAE, e.g. big_vision's "
              "vae-oid.npz); printing boxes and seg codes only")
 

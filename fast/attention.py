@@ -21,12 +21,11 @@ from jax.sharding import PartitionSpec
 
 from paligemma import kernels
 from paligemma.ref.capture import record
+from paligemma.ref.ops import BIG_NEG  # finite, not -inf: a row with no visible key is uniform
 
 from .policy import Policy
 from .sharding import BATCH_AXES
 
-# big_vision masks with this finite value, not -inf: a row with no visible key is uniform.
-BIG_NEG = -2.3819763e38
 
 
 def attend_xla(q, k, v, attn_mask, softcap):

@@ -5,7 +5,7 @@
 
 The model functions report into `paligemma.ref.capture.record` as the reference's do; under
 jit they run once, at trace time, with tracers. This module's jitted function turns a recorder
-on while it traces the ordinary forward body (`model._forward`), so what the recorder
+on while it traces the ordinary forward body (`model.forward_body`), so what the recorder
 collected becomes extra outputs of the compiled program. A `lax.scan` body cannot hand its
 intermediate values out that way, so the layers run as a Python loop here (`unstack_layers`
 for the language model; `siglip.encode` switches by itself while a recorder is on). The
@@ -30,7 +30,7 @@ from .policy import FLOAT32, Policy
 def _forward(params, images, tokens, mask_ar, input_mask, config, policy, names, probs):
     with capture.recording(names, probs) as recorder:
         params = gemma.unstack_layers(params)  # per-layer slices, an unrolled loop
-        model._forward.__wrapped__(params, images, tokens, mask_ar, input_mask, config, policy)
+        model.forward_body(params, images, tokens, mask_ar, input_mask, config, policy)
     return recorder.values
 
 

@@ -270,14 +270,21 @@ class Prefetcher:
     Step s reads stream positions `s * batch_size ...` (`batch_indices`). At most `depth` batches
     wait in the queue, so memory stays bounded; an error in the thread is raised by `next`.
     Use as an iterator of `(step, Batch)`, and `close()` (or a `with` block) when done.
+
+    rows: None (every example of a step), or the example rows of each micro-batch that this
+    process feeds (`sharding.process_rows`; several processes): only those are decoded, and each
+    `Batch` field is [A, len(rows), ...].
     """
 
     def __init__(self, examples, image_size, batch_size, micro_batches, seed, start, stop, depth=2, workers=4,
-                 video_frames=16, video_stride=1):
+                 video_frames=16, video_stride=1, rows=None):
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers)
         self._video = (video_frames, video_stride)
+        B = batch_size // micro_batches
+        rows = np.arange(B) if rows is None else np.asarray(rows)
+        self._take = (np.arange(micro_batches)[:, None] * B + rows[None, :]).ravel()  # [A * rows] of [A * B]
         args = (examples, image_size, batch_size, micro_batches, seed, start, stop)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
@@ -294,9 +301,9 @@ class Prefetcher:
     def _run(self, examples, image_size, batch_size, micro_batches, seed, start, stop):
         try:
             for step in range(start, stop):
-                idx = batch_indices(len(examples), seed, step * batch_size, batch_size)
+                idx = batch_indices(len(examples), seed, step * batch_size, batch_size)[self._take]
                 # A video's start frame is a function of (seed, stream position): resumable too.
-                seeds = [np.random.default_rng([seed, p, 1]) for p in range(step * batch_size, (step + 1) * batch_size)]
+                seeds = [np.random.default_rng([seed, step * batch_size + int(t), 1]) for t in self._take]
                 batch = make_batch(examples, idx, image_size, micro_batches, pool=self._pool,
                                    video_frames=self._video[0], video_stride=self._video[1], seeds=seeds)
                 if not self._put((step, batch)):

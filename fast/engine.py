@@ -26,7 +26,7 @@ What may differ is float rounding (a batch of 8 rows can sum in another order th
 1), which `tests/test_engine.py` bounds with `parity/tolerances.py`. Beam search is not served
 here: its beams would share one request's rows; use `fast.generate`.
 
-Compiled programs (docs/serving.md): one decode step; one admission per (prefill batch size in
+Compiled programs (`fast.pool`; docs/serving.md): one decode step; one admission per (prefill batch size in
 `prefill_sizes`, image count, text bucket); one image encoder per image count.
 
 Axes: B slots, S cache columns, L layers, K kv heads, H head dim, V vocabulary, P image tokens,
@@ -37,7 +37,7 @@ import collections
 import dataclasses
 import hashlib
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +47,14 @@ from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import check_context, parse_sampler
 from paligemma.ref.model import num_image_tokens
 
-from . import gemma, sharding
-from .decode import CACHE_ALIGNMENT, KVCache, extend, prefill
-from .model import embed_images, jit_model
+from . import pool, sharding
+from .decode import CACHE_ALIGNMENT, KVCache
+from .pool import SAMPLER_KINDS
 from .policy import FLOAT32, Policy
 from .stream import Completion, Stream, Token
 
 __all__ = ["Engine", "Request", "Stream", "Token", "Completion", "AdmissionError", "QueueFull"]
 
-GREEDY, TEMPERATURE, TOP_K, NUCLEUS = range(4)
-SAMPLER_KINDS = {"greedy": GREEDY, "temperature": TEMPERATURE, "top_k": TOP_K, "nucleus": NUCLEUS}
 MIN_TEXT_BUCKET = 16
 
 
@@ -87,79 +85,6 @@ class Request:
     sampler: Any = "greedy"
     seed: int = 0
     stop_ids: tuple = ()
-
-
-# --- The compiled programs ------------------------------------------------------------------
-
-
-def sample_rows(logits, kinds, temperature, top_k, top_p, keys):
-    """Each row's next token by its own sampler and random stream: [B, V] -> ([B], new keys [B, 2]).
-
-    Row b computes what `fast.decode.sample` computes for that request alone (same cut rules,
-    same `categorical` on a [1, V] row), so seeded answers are the same tokens. The sort that
-    top-k and nucleus need runs only when some row asks for it.
-    """
-    B, V = logits.shape
-    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
-    keys, subs = pairs[:, 0], pairs[:, 1]
-    scaled = logits / temperature[:, None]  # [B, V]
-
-    def cut(scaled):
-        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
-        kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)  # [B, 1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)  # [B, V]
-        inside = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1), V - 1)  # [B]
-        nucleus = jnp.take_along_axis(ordered, inside[:, None], axis=-1)  # [B, 1]
-        threshold = jnp.where(kinds[:, None] == TOP_K, kth, jnp.where(kinds[:, None] == NUCLEUS, nucleus, -jnp.inf))
-        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
-
-    scaled = jax.lax.cond(jnp.any((kinds == TOP_K) | (kinds == NUCLEUS)), cut, lambda s: s, scaled)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(subs, scaled)  # [B]
-    return jnp.where(kinds == GREEDY, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32), keys
-
-
-def _choose(logits, samplers, keys):
-    """(tokens [B], their log-probabilities [B], new keys) from logits [B, V]."""
-    tokens, keys = sample_rows(logits, *samplers, keys)
-    logp = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(len(tokens)), tokens]  # [B]
-    return tokens, logp, keys
-
-
-def _encode(params, images, config, policy):
-    return embed_images(params["img"], config, images, policy)  # [1, F*P, D]
-
-
-def _admit(params, cache, rows, image_tokens, tokens, mask_ar, input_mask, samplers, keys, config, policy):
-    """Prefills b requests and writes them into cache rows `rows` [b] (out of range: dropped)."""
-    S = cache.valid.shape[1]
-    N = image_tokens.shape[1] + tokens.shape[1]
-    rope = gemma.rope_table(S, config.llm.head_dim, config.llm.rope_base)
-    new, logits = prefill(params, config, None, tokens, mask_ar, input_mask, S - N, policy, rope,
-                          image_tokens=image_tokens)  # new: [L, b, S, K, H], logits [b, V]
-    put = lambda full, part, axis: full.at[(slice(None),) * axis + (rows,)].set(part, mode="drop")  # noqa: E731
-    # Decoding writes each row after its real tokens (left-aligned), over the bucket's padding.
-    cache = KVCache(put(cache.k, new.k, 1), put(cache.v, new.v, 1), put(cache.valid, new.valid, 0),
-                    put(cache.positions, new.positions, 0), put(cache.lengths, new.lengths, 0),
-                    put(cache.next_slot, new.lengths, 0))
-    return (cache, *_choose(logits, samplers, keys))
-
-
-def _decode(params, cache, tokens, active, samplers, keys, config, policy):
-    """One token for every slot: the active ones advance, the free ones are left as they were."""
-    rope = gemma.rope_table(cache.valid.shape[1], config.llm.head_dim, config.llm.rope_base)
-    new, logits = extend(params, config, cache, tokens, policy, rope)  # logits [B, V]
-    cache = new._replace(lengths=jnp.where(active, new.lengths, cache.lengths),
-                         next_slot=jnp.where(active, new.next_slot, cache.next_slot))
-    tokens, logp, new_keys = _choose(logits, samplers, keys)
-    return cache, tokens, logp, jnp.where(active[:, None], new_keys, keys)
-
-
-_encode = jit_model(_encode, ("config", "policy"))
-_admit = jit_model(_admit, ("config", "policy"), donate_argnames=("cache",))
-_decode = jit_model(_decode, ("config", "policy"), donate_argnames=("cache",))
-
-
-# --- The scheduler --------------------------------------------------------------------------
 
 
 class _Slot:
@@ -195,8 +120,16 @@ class Engine:
             max_seq = -(-max_seq // CACHE_ALIGNMENT) * CACHE_ALIGNMENT
         check_context(max_seq, "Engine: max_seq")
         self.config, self.slots, self.max_seq = config, int(slots), max_seq
-        self.params, _, self.policy = sharding.on_mesh(params, [], policy, mesh)
-        self.prefill_sizes = tuple(sorted({min(s, self.slots) for s in (prefill_sizes or (1, 2, 4, 8, 16))}))
+        mesh = sharding.mesh_from(policy.mesh if mesh is None else mesh)
+        self.policy = policy if mesh is None else dataclasses.replace(policy, mesh=mesh)
+        self.params = params if mesh is None else sharding.place_params(params, mesh)
+        # On a mesh every batch (slots, a prefill, an image encoding) splits evenly over data x fsdp.
+        self._multiple = 1 if self.policy.mesh is None else sharding.batch_multiple(self.policy.mesh)
+        if self.slots % self._multiple:
+            raise ValueError(f"Engine: slots {self.slots} must be a multiple of the mesh's data x fsdp size "
+                             f"{self._multiple}")
+        sizes = (prefill_sizes or (1, 2, 4, 8, 16))
+        self.prefill_sizes = tuple(sorted({min(-(-s // self._multiple) * self._multiple, self.slots) for s in sizes}))
         self.max_queue, self.image_cache_size = max_queue, int(image_cache)
         self._cache = self._empty_cache()
         B = self.slots
@@ -208,7 +141,7 @@ class Engine:
         self._images = collections.OrderedDict()  # content hash -> image tokens [1, F*P, D]
         self._lock = threading.Condition()
         self._thread, self._accepting, self._draining = None, True, False
-        self.counters = collections.Counter()  # generated_tokens, image_cache_hits/misses, compiled programs
+        self.counters = collections.Counter()  # generated_tokens, image_cache_hits, image_cache_misses
 
     def _empty_cache(self):
         """The pool's KV cache, every column invalid, laid out over the mesh (slots over data)."""
@@ -329,7 +262,7 @@ class Engine:
             keys[i] = jax.random.key_data(jax.random.PRNGKey(request.seed)) if i < len(group) else 0
             rows[i] = b if i < len(group) else self.slots
             images.append(self._image_tokens(request.images) if i < len(group) else images[-1])
-        cache, first, logp, keys = _admit(self.params, self._cache, rows, jnp.concatenate(images), tokens, mask_ar,
+        cache, first, logp, keys = pool.admit(self.params, self._cache, rows, jnp.concatenate(images), tokens, mask_ar,
                                           input_mask, tuple(samplers), keys, config=self.config, policy=self.policy)
         self._cache = cache
         first, logp, keys = np.asarray(first), np.asarray(logp), np.asarray(keys)
@@ -342,7 +275,7 @@ class Engine:
 
     def _decode_step(self):
         active = np.array([s is not None for s in self._active])
-        cache, tokens, logp, keys = _decode(self.params, self._cache, self._feed, active, self._samplers, self._keys,
+        cache, tokens, logp, keys = pool.decode(self.params, self._cache, self._feed, active, self._samplers, self._keys,
                                             config=self.config, policy=self.policy)
         self._cache = cache
         tokens, logp, keys = np.asarray(tokens), np.asarray(logp), np.asarray(keys)
@@ -379,7 +312,8 @@ class Engine:
             self._images.move_to_end(key)
             return self._images[key]
         self.counters["image_cache_misses"] += 1
-        tokens = _encode(self.params, images[None], config=self.config, policy=self.policy)
+        batch = np.repeat(images[None], self._multiple, axis=0)  # [m, (F,) R, R, 3]: one copy per data shard
+        tokens = pool.encode(self.params, batch, config=self.config, policy=self.policy)[:1]
         self._images[key] = tokens
         while len(self._images) > self.image_cache_size:
             self._images.popitem(last=False)

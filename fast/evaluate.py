@@ -29,6 +29,7 @@ from paligemma.ref.image import load_image
 from paligemma.ref.media import Video, check_item, frame_count, item_from_record, load_item
 
 from .data import BadLine, DataError, check_frames, read_lines
+from .distributed import is_writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +154,14 @@ def _write_atomic(path, text):
 
 
 def write_outputs(out, task, examples, texts, report, details, settings):
-    """OUT/predictions.jsonl and OUT/metrics.json; returns their paths."""
+    """OUT/predictions.jsonl and OUT/metrics.json; returns their paths (several processes:
+    process 0 writes, `paligemma.fast.distributed.is_writer`)."""
+    files = {"predictions": os.path.join(out, "predictions.jsonl"), "metrics": os.path.join(out, "metrics.json")}
+    if not is_writer():
+        return files
     os.makedirs(out, exist_ok=True)
     lines = [json.dumps({"id": e.id, "prefix": e.prefix, "prediction": t, **d}, ensure_ascii=False)
              for e, t, d in zip(examples, texts, details)]
-    files = {"predictions": os.path.join(out, "predictions.jsonl"), "metrics": os.path.join(out, "metrics.json")}
     _write_atomic(files["predictions"], "".join(line + "\n" for line in lines))
     _write_atomic(files["metrics"], json.dumps({"task": task, **report.as_dict(), **settings}, indent=1) + "\n")
     return files

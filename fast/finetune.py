@@ -104,7 +104,7 @@ def evaluate(model_config, config, tokenizer, examples, trainable, frozen, eval_
     losses, answers = [], []
     for indices, weight in data.eval_batches(examples, B):
         batch = data.make_batch(examples, indices, R, 1, weight, pool, config.video_frames, config.video_stride)
-        per_example = np.asarray(eval_step(trainable, frozen, sharding.put_tree(batch, batch_sh)))[0]
+        per_example = sharding.to_host(eval_step(trainable, frozen, sharding.put_tree(batch, batch_sh)))[0]
         real = weight > 0
         losses += list(per_example[real])
         prompts = tokenizer.batch_prompts([examples.prefixes[i] for i in indices], text_len=prompt_len)
@@ -201,7 +201,9 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
     mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh))
     sharding.check_batch_size(mesh, config.batch_size, config.accum_steps)
     os.makedirs(out, exist_ok=True)
-    if not resume:
+    writer = jax.process_index() == 0  # several processes: process 0 writes run.json, the log, checkpoints
+    progress = progress and writer
+    if not resume and writer:
         _write_run(out, {"checkpoint": os.path.abspath(checkpoint), "tokenizer": os.path.abspath(tok.name),
                          "train": os.path.abspath(train), "val": val and os.path.abspath(val),
                          "image_root": image_root and os.path.abspath(image_root), "skip_bad": skip_bad,
@@ -217,16 +219,19 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
         trainable, opt_state, state = train_state.load(found, trainable, opt_like)
         start = state["step"]
         opt_state = sharding.put_tree(opt_state, o_sh)
-        _trim_log(log_path, start)
+        if writer:
+            _trim_log(log_path, start)
     trainable, frozen = sharding.put_tree(trainable, t_sh), sharding.put_tree(frozen, f_sh)
     if not found:
         opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(trainable)
-        if os.path.exists(log_path) and jax.process_index() == 0:
+        if os.path.exists(log_path) and writer:
             os.remove(log_path)
     lr_of = schedule(config)
     log = _Log(log_path)
     losses, evals, files = [], [], {"log": log_path}
     A, R = config.accum_steps, model_config.vision.image_size
+    B = config.batch_size // A
+    rows = sharding.process_rows(batch_sh.text, (A, B))  # the examples this process's devices take
 
     def run_eval(step):
         record = dict(step=step, **evaluate(model_config, config, tok, val_examples, trainable, frozen, eval_fn, mesh,
@@ -243,11 +248,12 @@ def finetune(checkpoint, tokenizer, train, out, config: TrainConfig = TrainConfi
     compile_s, last, prev, timed = 0.0, t0, start, []
     bar = tqdm(total=config.steps, initial=start, disable=not progress, file=stream, unit="step", dynamic_ncols=True)
     prefetch = data.Prefetcher(examples, R, config.batch_size, A, config.seed, start, config.steps,
-                               video_frames=config.video_frames, video_stride=config.video_stride)
+                               video_frames=config.video_frames, video_stride=config.video_stride, rows=rows)
     try:
         with prefetch:
             for step, batch in prefetch:
-                batch = sharding.put_tree(batch, batch_sh)
+                batch = data.Batch(*(sharding.put_rows(x, rows, (A, B) + x.shape[2:], sh)
+                                     for x, sh in zip(batch, batch_sh)))
                 trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps or step == start:
@@ -333,7 +339,7 @@ def resume(out, progress=True, on_step=None, export=("npz", "hf"), stream=None, 
     if set(changes) - allowed:
         raise ValueError(f"resume: only {sorted(allowed)} may change, got {sorted(changes)}")
     config = TrainConfig(**{**run["config"], **changes})
-    if changes:
+    if changes and jax.process_index() == 0:
         _write_run(out, dict(run, config=dataclasses.asdict(config)))
     return finetune(run["checkpoint"], run["tokenizer"], run["train"], out, config, val=run["val"],
                     image_root=run["image_root"], skip_bad=run["skip_bad"], resume=True, progress=progress,

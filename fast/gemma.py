@@ -22,15 +22,12 @@ import numpy as np
 from paligemma import kernels
 from paligemma.ref import capture
 from paligemma.ref.capture import record
-from paligemma.ref.config import GemmaConfig
+from paligemma.ref.config import GemmaConfig, uses_sliding_window
 
 from . import quant, sharding
 from .attention import attend
+from .ops import cast as _cast  # the name every line below uses
 from .policy import Policy
-
-
-def _cast(w, x):
-    return jnp.asarray(w).astype(x.dtype)
 
 
 def round_to(x, dtype):
@@ -264,8 +261,9 @@ def transformer(params, x, positions, attn_mask, config: GemmaConfig, policy: Po
     def layer_step(queries_from):
         def step(x, layer):
             params_l, index, cache_l = layer
-            mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
-            window = jnp.where(index % 2 == 0, config.sliding_window, kernels.NO_WINDOW) if windowed else None
+            local = uses_sliding_window(config, index)  # traced: one scanned body for both kinds
+            mask = jnp.where(local, local_mask, attn_mask) if windowed else attn_mask
+            window = jnp.where(local, config.sliding_window, kernels.NO_WINDOW) if windowed else None
             kv = None if cache_l is None else (*cache_l, kv_cache[2])
             x, updated = block(params_l, x, positions, mask, config, policy, rope, kv, token_mask, window,
                                queries_from)
@@ -361,7 +359,7 @@ def stack_layers(params):
     return {**params, "llm": llm}
 
 
-def _vocab_slab(V, target=8192):
+def vocab_slab(V, target=8192):
     """The largest divisor of V that is at most `target` (PaliGemma's 257152 rows: 32 slabs of 8036)."""
     return max(d for d in range(1, min(V, target) + 1) if V % d == 0)
 
@@ -381,7 +379,7 @@ def logits(params, pre_logits, config: GemmaConfig, mesh=None):
         out = quant.logits(pre_logits, table, quant.tiled() and mesh is None)  # [B, T, V]
         return cap * jnp.tanh(out / cap) if cap else out
     V, D = table.shape
-    slab = _vocab_slab(V)
+    slab = vocab_slab(V)
 
     def project(rows):  # [V', D] -> [B, T, V']
         return jnp.einsum("BTD,VD->BTV", pre_logits, rows.astype(pre_logits.dtype), preferred_element_type=jnp.float32)

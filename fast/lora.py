@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma.ref.config import GemmaConfig
+from paligemma.ref.config import GemmaConfig, uses_sliding_window
 from paligemma.ref.params import flatten, unflatten
 
 from . import gemma
@@ -125,7 +125,7 @@ def transformer(params, adapters, scale, x, positions, attn_mask, config: GemmaC
         def step(x, layer):
             params_l, adapters_l, index = layer
             params_l = attach(params_l, adapters_l, scale)
-            mask = jnp.where(index % 2 == 0, local_mask, attn_mask) if windowed else attn_mask
+            mask = jnp.where(uses_sliding_window(config, index), local_mask, attn_mask) if windowed else attn_mask
             x, _ = gemma.block(params_l, x, positions, mask, config, policy, rope, queries_from=queries_from)
             return x, None
         return jax.checkpoint(step) if policy.remat == "full" else step

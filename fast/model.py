@@ -105,7 +105,8 @@ def jit_model(fn, static_argnames, donate_argnames=()):
     return run
 
 
-def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
+def forward_body(params, images, tokens, mask_ar, input_mask, config, policy):
+    """`forward`'s traced body, not compiled: `capture.forward` runs it inside its own jit."""
     x, full_mask, full_ar = embed_image_and_text(params, config, images, tokens, mask_ar, input_mask, policy)
     x = sharding.constrain(x, policy.mesh, sharding.batch_spec(3))  # [B, P+T, D]
     attn_mask, local_mask, positions = prefix_lm_masks(config, full_mask, full_ar)
@@ -119,7 +120,7 @@ def _forward(params, images, tokens, mask_ar, input_mask, config, policy):
     return record("logits", logits)  # [B, T, V]
 
 
-_forward = jit_model(_forward, ("config", "policy"))
+_forward = jit_model(forward_body, ("config", "policy"))
 
 
 def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask=None, policy: Policy = FLOAT32,

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from paligemma import ref
+from paligemma.options import FAST_DTYPES, IMPLS, PREPROCESS
 from paligemma.ref.media import load_item, stack_examples
 from paligemma.ref import quant as ref_quant
 from paligemma.ref.params import flatten, tree_map
@@ -44,10 +45,9 @@ from .gemma import unstack_layers
 from .quant import check_tree
 from .policy import BFLOAT16, FLOAT32
 
-IMPLS = ("fast", "ref")
-PREPROCESS_METHODS = ("big_vision", "hf")
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
-_FAST_DTYPES = ("float32", "bfloat16")  # float64 is the reference's gold standard only
+PREPROCESS_METHODS = PREPROCESS
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}  # keys: options.DTYPES
+_FAST_DTYPES = FAST_DTYPES  # float64 is the reference's gold standard only
 _FAST_POLICIES = {"float32": FLOAT32, "bfloat16": BFLOAT16}
 _TEXT_BUCKET = 16  # fast: prompts padded to a multiple of this, so new lengths rarely recompile
 # fast: the static arguments `generate` has compiled for in this process (jit's cache is global,

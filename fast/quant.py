@@ -339,13 +339,13 @@ def check_tree(params, config):
         raise ValueError("not a quantized tree: no weight has a 'q' (use `paligemma.ref.quant.quantize_tree`)")
     fmt = format_of({"q": flat[q_keys[0]]})
     first = next((k for k in flat if k.startswith("llm/layers_first/")), None)
-    keep = ref_quant.Keep(vision=f"{ref_quant._ATT}/query/kernel" in flat,
+    keep = ref_quant.Keep(vision=f"{ref_quant.VISION_ATT}/query/kernel" in flat,
                           embedding="llm/embedder/input_embedding" in flat,
                           end_layers=len(flat[first]) if first else 0)
     shapes, group = ref_params.flatten(ref_params.param_shapes(config)), ref_quant.GROUP_SIZE
     if fmt == "int4":  # G = Cp / (number of groups), from the first quantized weight
         entry = next(e for e in ref_quant.layout(config, fmt, keep) if e.fmt)
-        pre = len(ref_quant._split(shapes[entry.source], entry.axes)[0])
+        pre = len(ref_quant.split_axes(shapes[entry.source], entry.axes)[0])
         group = 2 * flat[f"{entry.key}/q"].shape[pre] // max(1, flat[f"{entry.key}/scale"].shape[pre])
     for entry in ref_quant.layout(config, fmt, keep):
         stored = ref_quant.stored_shapes(entry, shapes[entry.source], group)

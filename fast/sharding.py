@@ -190,6 +190,37 @@ def put_tree(tree, shardings):
     return jax.tree_util.tree_map(put_global, tree, shardings)
 
 
+def process_rows(sharding, shape, axis=1):
+    """The indices along `axis` of a global array of `shape` that this process's devices hold,
+    sorted: all of them on one host; on several, each process's own (disjoint across processes
+    when `axis` is split over every process, as the example axis of a batch is).
+
+    >>> mesh = make_mesh({"data": 1})                       # one device: every row
+    >>> process_rows(batch_sharding(mesh), (1, 4, 16)).tolist()
+    [0, 1, 2, 3]
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        rows.update(range(*index[axis].indices(shape[axis])))
+    return np.array(sorted(rows), np.int64)
+
+
+def put_rows(local, rows, shape, sharding, axis=1):
+    """A global array of `shape` from this process's rows only (`process_rows`): `local` holds
+    rows `rows` along `axis`, in that order; each device gets its part of them. Raises
+    ValueError if a device of this process needs a row that `local` lacks."""
+    local, rows = np.asarray(local), np.asarray(rows)
+
+    def part(index):
+        wanted = np.arange(shape[axis])[index[axis]]
+        at = np.minimum(np.searchsorted(rows, wanted), len(rows) - 1)
+        if not np.array_equal(rows[at], wanted):
+            raise ValueError(f"put_rows: this process holds rows {rows.tolist()}, a device needs {wanted.tolist()}")
+        return local[tuple(at if a == axis else index[a] for a in range(local.ndim))]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, part)
+
+
 def to_host(tree):
     """Every array of `tree` as a full NumPy array on this host (gathered across hosts if needed)."""
 

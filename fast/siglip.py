@@ -15,18 +15,15 @@ from paligemma.ref.config import VisionConfig
 
 from . import quant
 from .attention import attend
+from .ops import cast
 from .policy import Policy
-
-
-def _cast(w, x):
-    return jnp.asarray(w).astype(x.dtype)
 
 
 def _dense(x, w, spec, policy=None, contracted=1):
     """`einsum(spec, x, w)` for a float weight, `quant.matmul` for a quantized one (its first
     `contracted` axes summed over, e.g. 2 for out [N, H, W]; x's last `contracted` axes likewise)."""
     if not quant.is_quantized(w):
-        return jnp.einsum(spec, x, _cast(w, x))
+        return jnp.einsum(spec, x, cast(w, x))
     lead = x.shape[: x.ndim - contracted]
     return quant.matmul(x.reshape(lead + (-1,)), w, contracted, quant.tiled(policy))
 
@@ -36,12 +33,12 @@ def patch_embed(params, images, patch_size):
     B, R, _, C = images.shape
     g, p = R // patch_size, patch_size
     patches = images.reshape(B, g, p, g, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, g * g, p, p, C)
-    x = jnp.einsum("BPijc,ijcW->BPW", patches, _cast(params["kernel"], images))  # [B, P, W]
-    return x + _cast(params["bias"], x)
+    x = jnp.einsum("BPijc,ijcW->BPW", patches, cast(params["kernel"], images))  # [B, P, W]
+    return x + cast(params["bias"], x)
 
 
 def add_position_embedding(x, pos_embedding):
-    return x + _cast(pos_embedding, x)  # [B, P, W]
+    return x + cast(pos_embedding, x)  # [B, P, W]
 
 
 def layer_norm(x, scale, bias, eps):
@@ -58,9 +55,9 @@ def attention(params, x, policy: Policy = None):
 
     With a `policy` that uses the Pallas kernels, the attention itself runs there (head dim 72
     padded to 128 inside the kernel)."""
-    q = _dense(x, params["query"]["kernel"], "BPW,WNH->BPNH", policy) + _cast(params["query"]["bias"], x)
-    k = _dense(x, params["key"]["kernel"], "BSW,WNH->BSNH", policy) + _cast(params["key"]["bias"], x)
-    v = _dense(x, params["value"]["kernel"], "BSW,WNH->BSNH", policy) + _cast(params["value"]["bias"], x)
+    q = _dense(x, params["query"]["kernel"], "BPW,WNH->BPNH", policy) + cast(params["query"]["bias"], x)
+    k = _dense(x, params["key"]["kernel"], "BSW,WNH->BSNH", policy) + cast(params["key"]["bias"], x)
+    v = _dense(x, params["value"]["kernel"], "BSW,WNH->BSNH", policy) + cast(params["value"]["bias"], x)
     B, P, _, H = q.shape
     if policy is not None and policy.uses_kernels:
         everything = kernels.TokenMask.full(B, P)
@@ -70,15 +67,15 @@ def attention(params, x, policy: Policy = None):
         probs = record("attn_probs", jax.nn.softmax(logits, axis=-1).astype(x.dtype))  # [B, N, P, S]
         enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
     out = _dense(enc, params["out"]["kernel"], "BPNH,NHW->BPW", policy, contracted=2)  # [B, P, W]
-    return out + _cast(params["out"]["bias"], x)
+    return out + cast(params["out"]["bias"], x)
 
 
 def mlp(params, x, policy: Policy = None):
     """Dense W->M, tanh-GELU, Dense M->W (both with bias)."""
-    h = _dense(x, params["Dense_0"]["kernel"], "BPW,WM->BPM", policy) + _cast(params["Dense_0"]["bias"], x)
+    h = _dense(x, params["Dense_0"]["kernel"], "BPW,WM->BPM", policy) + cast(params["Dense_0"]["bias"], x)
     h = jax.nn.gelu(h, approximate=True)  # [B, P, M]
     out = _dense(h, params["Dense_1"]["kernel"], "BPM,MW->BPW", policy)  # [B, P, W]
-    return out + _cast(params["Dense_1"]["bias"], x)
+    return out + cast(params["Dense_1"]["bias"], x)
 
 
 def encoder_block(params, x, eps, policy: Policy = None):
@@ -112,7 +109,7 @@ def encode(params, config: VisionConfig, images, policy: Policy):
 
 def head(params, x, policy: Policy = None):
     """Dense W->D with bias, per token."""
-    return _dense(x, params["kernel"], "BPW,WD->BPD", policy) + _cast(params["bias"], x)  # [B, P, D]
+    return _dense(x, params["kernel"], "BPW,WD->BPD", policy) + cast(params["bias"], x)  # [B, P, D]
 
 
 def embed_image(params, config: VisionConfig, images, policy: Policy):

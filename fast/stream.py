@@ -41,6 +41,7 @@ class Stream:
         self.cancelled = False
         self.submitted = time.monotonic()
         self.first_token_at = None  # monotonic time of the first token
+        self.finished_at = None  # ... and of the end
 
     @property
     def done(self):
@@ -101,7 +102,7 @@ class Stream:
 
     def _finish_with(self, reason):
         with self._cond:
-            self._reason = reason
+            self._reason, self.finished_at = reason, time.monotonic()
             self._notify(None)
 
     def _fail(self, error):

@@ -30,15 +30,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.params import flatten, unflatten
-from paligemma.ref.scoring import TASKS
+from paligemma.options import EVAL_TASKS, FAST_DTYPES, OPTIMIZERS
 
 from . import gemma, lora, xent
 from .model import NO_WEIGHT_HOISTING, converts_weights, embed_image_and_text, prefix_lm_masks
 from .policy import Policy
 
 GROUPS = {"all": r".*", "no-vision": r"llm/.*", "attention": r"llm/layers/attn/.*", "lora": None}
-OPTIMIZERS = ("adamw", "sgd")
-EVAL_TASKS = ("exact_match",) + TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +107,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be an integer >= 0, got {getattr(self, name)!r}")
         checks = [("trainable", self.trainable in GROUPS, f"one of {list(GROUPS)}"),
                   ("optimizer", self.optimizer in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"),
-                  ("compute_dtype", self.compute_dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
-                  ("frozen_dtype", self.frozen_dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+                  ("compute_dtype", self.compute_dtype in FAST_DTYPES, "float32 or bfloat16"),
+                  ("frozen_dtype", self.frozen_dtype in FAST_DTYPES, "float32 or bfloat16"),
                   ("lr", self.lr > 0, "> 0"), ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("clip_norm", self.clip_norm is None or self.clip_norm > 0, "> 0 or None"),

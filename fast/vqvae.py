@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma.ref import vqvae as ref_vqvae
-from paligemma.ref.vqvae import GRID, MASK_SIZE, NUM_DOWN, NUM_RES, NUM_UP, _check_codes
+from paligemma.ref.vqvae import GRID, MASK_SIZE, NUM_DOWN, NUM_RES, NUM_UP, check_codes
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # The VAE is tiny: full float32 products everywhere (GPUs would otherwise use TF32, ~1e-3).
@@ -70,7 +70,7 @@ def _decode(params, codes):
 
 def decode(params, codes):
     """16 codes per mask -> [B, 64, 64] float masks (~[-1, 1], > 0 inside); see the reference."""
-    codes = _check_codes(codes, params["codebook"].shape[0])
+    codes = check_codes(codes, params["codebook"].shape[0])
     return _decode(params, jnp.asarray(codes, jnp.int32))
 
 

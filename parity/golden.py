@@ -32,11 +32,10 @@ from importlib import metadata
 import numpy as np
 
 from paligemma.ref import capture
-from paligemma.ref.checkpoint import _atomic_write
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import forward, validate_inputs
 from paligemma.ref.params import cast_params, tree_map
-from paligemma.ref.tensorfiles import CheckpointError, NpzReader
+from paligemma.ref.tensorfiles import CheckpointError, NpzReader, atomic_write
 
 from . import tolerances
 
@@ -249,7 +248,7 @@ def write(path, activations: Activations, overwrite=False):
                 text = json.dumps(activations.manifest, indent=1, sort_keys=True)
                 _member(zf, MANIFEST, np.frombuffer(text.encode(), dtype=np.uint8))
 
-    _atomic_write(path, write_zip)
+    atomic_write(path, write_zip)
 
 
 def read(path):

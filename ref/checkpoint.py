@@ -12,28 +12,27 @@ tell softcaps, the query scaling, the sliding window or (for HF names) how a pro
 into heads; those default to the released model with the same sizes and can be overridden:
 any `GemmaConfig` field by name, `VisionConfig` fields as `vision_<field>`, and `name`,
 `pad_id`, `eos_id`, `bos_id`. `vocab_size=257152` trims HF's 257216 embedding rows.
+
+A shape the config refuses (an odd head dim, ...) is reported with the file and the tensors it
+was read from (`inferconfig`). An HF folder whose SigLIP keeps its pooling head (transformers'
+default `vision_use_head=True`) loads with those tensors ignored and named once in a warning.
 """
 
 import dataclasses
 import json
-import math
 import os
-import re
-import tempfile
+import warnings
 
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from . import hf_layout
-from .config import GEMMA2_27B, GemmaConfig, PaliGemmaConfig, VisionConfig
+from .config import PaliGemmaConfig
+from .inferconfig import apply_overrides, config_from_bv_shapes, config_from_hf_shapes
 from .params import flatten, param_shapes, unflatten
-from .tensorfiles import CheckpointError, open_reader
-
-# (width, heads, head dim) of released towers, for HF files that come without config.json.
-_KNOWN_LLM_HEADS = {2048: (8, 256), 2304: (8, 256), 3584: (16, 256), 4608: (32, 128)}
-_KNOWN_VISION_HEADS = {1152: 16}
-
+from .quantread import is_quantized, load_quantized, read_quant_header
+from .tensorfiles import CheckpointError, atomic_write, open_reader, refuse_overwrite
 
 def load(path, **overrides):
     """Reads a checkpoint; returns `(config, params)` with params in big_vision's tree layout.
@@ -48,14 +47,15 @@ def load(path, **overrides):
     `vocab_size`, which keeps the first rows of the (per-row quantized) embedding.
     """
     path = str(path)
-    if _is_quantized(path):
+    if is_quantized(path):
         return _load_quantized(path, overrides)
     reader = open_reader(path)
     try:
         keys = reader.keys()
         if any(k.startswith(("img/", "llm/", "params/")) for k in keys):
             names = {k.removeprefix("params/"): k for k in keys}
-            config = _infer_config({k: reader.shape(v) for k, v in names.items()}, path, overrides)
+            config = apply_overrides(config_from_bv_shapes({k: reader.shape(v) for k, v in names.items()}, path),
+                                     overrides)
             flat = _read_big_vision(reader, names, config, path)
         else:
             hf_config = _read_hf_config(path)
@@ -69,14 +69,14 @@ def load(path, **overrides):
 def read_config(path, **overrides):
     """The config `load(path, **overrides)` returns, from headers and config.json alone (no tensor is read)."""
     path = str(path)
-    if _is_quantized(path):
-        from .quantfile import read_quant_header  # quantfile imports this module
+    if is_quantized(path):
         return apply_overrides(read_quant_header(path).config, overrides)
     reader = open_reader(path)
     try:
         keys = reader.keys()
         if any(k.startswith(("img/", "llm/", "params/")) for k in keys):
-            return _infer_config({k.removeprefix("params/"): reader.shape(k) for k in keys}, path, overrides)
+            shapes = {k.removeprefix("params/"): reader.shape(k) for k in keys}
+            return apply_overrides(config_from_bv_shapes(shapes, path), overrides)
         config = _config_from_hf_file(_read_hf_config(path), reader, path, overrides)
     finally:
         reader.close()
@@ -95,30 +95,17 @@ def save(path, config: PaliGemmaConfig, params, format="npz", overwrite=False, m
     flat = flatten(params)
     _check_tree(flat, config, str(path))
     if format == "npz":
-        _refuse_overwrite(path, overwrite)
+        refuse_overwrite(path, overwrite)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _atomic_write(path, lambda tmp: _write_npz(tmp, flat))
+        atomic_write(path, lambda tmp: _write_npz(tmp, flat))
     elif format == "hf":
         _save_hf(str(path), config, flat, overwrite, max_shard_bytes)
     else:
         raise ValueError(f"format: expected 'npz' or 'hf', got {format!r}")
 
 
-def _is_quantized(path):
-    """True for a single safetensors file whose metadata holds the quantization header."""
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        return False
-    from .quantfile import HEADER_KEY, safe_open  # quantfile imports this module
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return HEADER_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - unreadable: the ordinary reader says why
-        return False
-
-
 def _load_quantized(path, overrides):
     """`(config, quantized tree)` of a `paligemma quantize` file, with the overrides applied."""
-    from .quantfile import load_quantized  # quantfile imports this module
     config, qtree, _ = load_quantized(path)
     config = apply_overrides(config, {k: v for k, v in overrides.items() if k != "vocab_size"})
     flat = flatten(qtree)
@@ -141,56 +128,6 @@ def _read_big_vision(reader, names, config, path):
         flat[key] = reader.get(stored)
     _check_tree(flat, config, path)
     return flat
-
-
-def _infer_config(shapes, path, overrides):
-    """A config from big_vision tensor shapes (plus overrides for what shapes cannot tell)."""
-    def shape(key):
-        if key not in shapes:
-            raise CheckpointError(f"{path}: missing key {key!r}; cannot infer the model config without it")
-        return shapes[key]
-
-    enc = "img/Transformer/encoderblock"
-    p, _, _, W = shape("img/embedding/kernel")
-    P = shape("img/pos_embedding")[1]
-    grid = math.isqrt(P)
-    if grid * grid != P:
-        raise CheckpointError(f"{path}: img/pos_embedding has {P} rows, not a square number of patches")
-    L_v, _, N_v, _ = shape(f"{enc}/MultiHeadDotProductAttention_0/query/kernel")
-    vision = VisionConfig(image_size=grid * p, patch_size=p, width=W, depth=L_v, num_heads=N_v,
-                          mlp_dim=shape(f"{enc}/MlpBlock_0/Dense_0/kernel")[-1])
-    V, D = shape("llm/embedder/input_embedding")
-    L, N, _, H = shape("llm/layers/attn/q_einsum/w")
-    K = shape("llm/layers/attn/kv_einsum/w")[2]
-    F = shape("llm/layers/mlp/gating_einsum")[-1]
-    llm = _gemma_defaults(D, L, F, N, K, H, V, "llm/layers/post_attention_norm/scale" in shapes)
-    return apply_overrides(PaliGemmaConfig(vision, llm, name=os.path.basename(path)), overrides)
-
-
-def _gemma_defaults(D, L, F, N, K, H, V, gemma2):
-    """Gemma 1: no softcaps. Gemma 2: softcaps 50/30; (D/N)^-1/2 query scale only for the 27B."""
-    if not gemma2:
-        return GemmaConfig(width=D, depth=L, mlp_dim=F, num_heads=N, num_kv_heads=K, head_dim=H, vocab_size=V)
-    is_27b = (D, L, F, N, K, H) == (GEMMA2_27B.width, GEMMA2_27B.depth, GEMMA2_27B.mlp_dim,
-                                    GEMMA2_27B.num_heads, GEMMA2_27B.num_kv_heads, GEMMA2_27B.head_dim)
-    return GemmaConfig(width=D, depth=L, mlp_dim=F, num_heads=N, num_kv_heads=K, head_dim=H, vocab_size=V,
-                       attn_logits_softcap=50.0, final_logits_softcap=30.0, post_norms=True,
-                       query_scaling="rsqrt_emb_per_head" if is_27b else "rsqrt_head_dim")
-
-
-def apply_overrides(config: PaliGemmaConfig, overrides):
-    """Replaces fields by name: GemmaConfig fields, `vision_<field>`, name and special ids."""
-    llm_fields = {f.name for f in dataclasses.fields(GemmaConfig)}
-    vision_fields = {f"vision_{f.name}" for f in dataclasses.fields(VisionConfig)}
-    top_fields = {"name", "pad_id", "eos_id", "bos_id"}
-    unknown = sorted(set(overrides) - llm_fields - vision_fields - top_fields)
-    if unknown:
-        raise ValueError(f"load: unknown overrides {unknown}; expected fields of GemmaConfig "
-                         f"{sorted(llm_fields)}, VisionConfig as vision_<field>, or {sorted(top_fields)}")
-    llm = dataclasses.replace(config.llm, **{k: v for k, v in overrides.items() if k in llm_fields})
-    vision = dataclasses.replace(config.vision, **{k[7:]: v for k, v in overrides.items() if k in vision_fields})
-    return dataclasses.replace(config, vision=vision, llm=llm,
-                               **{k: v for k, v in overrides.items() if k in top_fields})
 
 
 def _trim_vocab(config, flat, overrides, path):
@@ -234,38 +171,8 @@ def _config_from_hf_file(hf_config, reader, path, overrides):
             rows = shapes[("llm", "embed_tokens.weight")][0]
             config = config.replace(llm=dataclasses.replace(config.llm, vocab_size=rows))
     else:
-        config = _infer_config_from_hf_shapes(shapes, path, overrides)
+        config = config_from_hf_shapes(shapes, path, overrides)
     return apply_overrides(config, {k: v for k, v in overrides.items() if k != "vocab_size"})
-
-
-def _infer_config_from_hf_shapes(shapes, path, overrides):
-    def shape(tower, name):
-        if (tower, name) not in shapes:
-            raise CheckpointError(f"{path}: missing tensor {name!r} ({tower}); cannot infer the model config")
-        return shapes[(tower, name)]
-
-    def depth(tower):
-        layers = [re.search(r"layers\.(\d+)\.", n) for (t, n) in shapes if t == tower]
-        return 1 + max((int(m.group(1)) for m in layers if m), default=-1)
-
-    W, _, p, _ = shape("vision", "embeddings.patch_embedding.weight")
-    P = shape("vision", "embeddings.position_embedding.weight")[0]
-    N_v = overrides.get("vision_num_heads", _KNOWN_VISION_HEADS.get(W))
-    V, D = shape("llm", "embed_tokens.weight")
-    N, H = overrides.get("num_heads"), overrides.get("head_dim")
-    if N is None or H is None:
-        N, H = _KNOWN_LLM_HEADS.get(D, (N, H))
-    if N_v is None or N is None or H is None:
-        raise CheckpointError(f"{path}: without config.json the head split cannot be read from shapes; "
-                              "pass num_heads=, head_dim= and vision_num_heads= to load()")
-    vision = VisionConfig(image_size=math.isqrt(P) * p, patch_size=p, width=W, num_heads=N_v,
-                          depth=depth("vision"),
-                          mlp_dim=shape("vision", "encoder.layers.0.mlp.fc1.weight")[0])
-    K = shape("llm", "layers.0.self_attn.k_proj.weight")[0] // H
-    F = shape("llm", "layers.0.mlp.gate_proj.weight")[0]
-    gemma2 = ("llm", "layers.0.pre_feedforward_layernorm.weight") in shapes
-    llm = _gemma_defaults(D, depth("llm"), F, N, K, H, V, gemma2)
-    return PaliGemmaConfig(vision, llm, name=os.path.basename(path.rstrip("/")))
 
 
 def _read_hf(reader, config, path):
@@ -275,6 +182,11 @@ def _read_hf(reader, config, path):
         canonical = hf_layout.canonical_name(name)
         present.setdefault(canonical, name)  # unknown names collect under None
     head = present.pop(("lm_head", ""), None)
+    ignored = sorted(n for n in reader.keys() if hf_layout.unused_by_paligemma(hf_layout.canonical_name(n)))
+    if ignored:
+        warnings.warn(f"{path}: ignoring {len(ignored)} tensors PaliGemma never uses (SigLIP's pooling head, "
+                      f"vision_use_head=True): {ignored}", stacklevel=3)
+        present = {c: n for c, n in present.items() if not hf_layout.unused_by_paligemma(c)}
     unknown = [n for n in reader.keys() if hf_layout.canonical_name(n) is None]
     missing = sorted(name for (tower, name) in table if (tower, name) not in present)
     extra = sorted(present[c] for c in present if c is not None and c not in table) + unknown
@@ -319,21 +231,21 @@ def _save_hf(folder, config, flat, overwrite, max_shard_bytes):
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     index_file = [] if len(shards) == 1 else ["model.safetensors.index.json"]
     for out in ["config.json"] + files + index_file:
-        _refuse_overwrite(os.path.join(folder, out), overwrite)
+        refuse_overwrite(os.path.join(folder, out), overwrite)
     for out, names in zip(files, shards):
         tensors = {n: np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(sources[n][0]), sources[n][1],
                                                                sources[n][2], config)) for n in names}
-        _atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         del tensors
     if index_file:
         index = {"metadata": {"total_size": sum(src.nbytes for src, _, _ in sources.values())},
                  "weight_map": {n: out for out, names in zip(files, shards) for n in names}}
-        _atomic_write(os.path.join(folder, index_file[0]), lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
+        atomic_write(os.path.join(folder, index_file[0]), lambda tmp: _write_text(tmp, json.dumps(index, indent=2)))
     hf_json = json.dumps(hf_layout.config_to_hf(config, dtype_name), indent=2)
-    _atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
+    atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_text(tmp, hf_json))
 
 
-# --- checks and atomic writes -------------------------------------------------------------
+# --- checks and the file writers ---------------------------------------------------------
 
 
 def _check_names(got, want, path):
@@ -357,11 +269,6 @@ def _check_tree(flat, config, path):
             raise CheckpointError(f"{path}: {key} has dtype {dtype}, expected a float type")
 
 
-def _refuse_overwrite(path, overwrite):
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path}: already exists; pass overwrite=True to replace it")
-
-
 def _write_npz(path, flat):
     with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **flat)
@@ -370,19 +277,3 @@ def _write_npz(path, flat):
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
-
-
-def _atomic_write(path, write):
-    """`write(tmp_path)` to a temporary file beside `path`, flush it to disk, rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

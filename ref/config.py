@@ -98,6 +98,20 @@ class GemmaConfig:
         return self.num_heads // self.num_kv_heads
 
 
+def uses_sliding_window(config: GemmaConfig, layer):
+    """True if `layer` attends through the sliding window (HF's Gemma 2 semantics).
+
+    Gemma 2 alternates local and global attention, local first: with a window, layers 0, 2, 4,
+    ... are local and 1, 3, 5, ... global (HF's `layer_types`); without one, every layer is
+    global. `layer` may be a traced integer (`lax.scan`'s layer index); the answer then is too.
+
+        uses_sliding_window(GemmaConfig(sliding_window=4096), 2)   # True
+        uses_sliding_window(GemmaConfig(sliding_window=4096), 3)   # False
+        uses_sliding_window(GemmaConfig(), 2)                      # False: no window
+    """
+    return config.sliding_window is not None and layer % 2 == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PaliGemmaConfig:
     """The whole model: vision tower, projection (`img/head`) and language model.

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import _atomic_write
+from .tensorfiles import atomic_write
 
 # Colour-blind-friendly (Okabe-Ito), cycled over objects.
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
@@ -77,4 +77,4 @@ def save_png(path, picture):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{path}: the folder {folder} does not exist")
-    _atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

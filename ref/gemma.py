@@ -14,7 +14,7 @@ Parameters are the `llm/...` subtree of big_vision; per-layer tensors carry a le
 import numpy as np
 
 from .capture import block_name, record, scope
-from .config import GemmaConfig
+from .config import GemmaConfig, uses_sliding_window
 from .ops import BIG_NEG, cast, einsum, gelu_tanh, softcap, softmax
 from .params import layer_slice
 
@@ -145,11 +145,6 @@ def block(params, x, positions, attn_mask, config: GemmaConfig, kv_cache=None):
     if config.post_norms:
         h = rms_norm(h, params["post_ffw_norm"]["scale"], eps)
     return record("out", x + h)  # [B, T, D]
-
-
-def uses_sliding_window(config: GemmaConfig, layer):
-    """HF's Gemma 2 alternates local (even layers) and global (odd layers) attention."""
-    return config.sliding_window is not None and layer % 2 == 0
 
 
 def transformer(params, x, positions, attn_mask, config: GemmaConfig, local_mask=None, kv_cache=None):

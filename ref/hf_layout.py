@@ -12,7 +12,7 @@ under `model.`; optional `lm_head.weight` / `language_model.lm_head.weight` (tie
 Names written: the hub's legacy names, which every version loads.
 """
 
-from .config import GemmaConfig, PaliGemmaConfig, VisionConfig
+from .config import GemmaConfig, PaliGemmaConfig, VisionConfig, uses_sliding_window
 
 ENC = "img/Transformer/encoderblock"
 
@@ -83,6 +83,13 @@ def canonical_name(name):
         if name.startswith(prefix):
             return tower, name[len(prefix):]
     return None
+
+
+def unused_by_paligemma(canonical):
+    """True for a `canonical_name` that an HF folder may hold but PaliGemma never uses: SigLIP's
+    attention-pooling head (`vision_tower.vision_model.head.*`, 11 tensors), which transformers'
+    `SiglipVisionConfig` builds by default (`vision_use_head=True`); PaliGemma takes every patch."""
+    return canonical is not None and canonical[0] == "vision" and canonical[1].startswith("head.")
 
 
 def name_table(config: PaliGemmaConfig):
@@ -209,6 +216,11 @@ def config_from_hf(hf: dict, name="hf") -> PaliGemmaConfig:
 NO_WINDOW = 1 << 30
 
 
+def hf_layer_types(config: GemmaConfig):
+    """HF's `layer_types`: "sliding_attention" where `uses_sliding_window`, else "full_attention"."""
+    return ["sliding_attention" if uses_sliding_window(config, i) else "full_attention" for i in range(config.depth)]
+
+
 def _sliding_window_from_hf(tc):
     """Gemma 2's window: HF's default windows even layers; `layer_types` may say otherwise."""
     window = tc.get("sliding_window", 4096)
@@ -217,7 +229,7 @@ def _sliding_window_from_hf(tc):
     if types is not None:
         if all(t == "full_attention" for t in types):
             return None
-        even = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth)]
+        even = hf_layer_types(GemmaConfig(depth=depth, sliding_window=1))  # any window: where it applies
         if list(types) != even:
             raise ValueError(f"layer_types {types} is not Gemma 2's pattern (sliding on even layers)")
     return None if window is None or window >= NO_WINDOW else window
@@ -247,8 +259,7 @@ def config_to_hf(config: PaliGemmaConfig, dtype_name="float32") -> dict:
             # transformers >= 4.53 reads layer_types; older versions window every even layer,
             # so "no window" is also written as a window longer than any sequence.
             sliding_window=g.sliding_window or NO_WINDOW,
-            layer_types=[("sliding_attention" if g.sliding_window and i % 2 == 0 else "full_attention")
-                         for i in range(g.depth)],
+            layer_types=hf_layer_types(g),
         )
     vision = {
         "model_type": "siglip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,

@@ -46,8 +46,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from paligemma.options import PREPROCESS
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS (~ 0.25 GiB of RGB)
-METHODS = ("big_vision", "hf")
+METHODS = PREPROCESS
 _F32 = np.float32
 
 
@@ -271,7 +273,7 @@ def _bilinear_coords(in_size, out_size):
     return lower, upper, (src - floor).astype(_F32)
 
 
-def _resize_float_tf(image, size, antialias=True):
+def resize_float_tf(image, size, antialias=True):
     """`tf.image.resize(image, size, "bilinear", antialias)`: [H, W, C] -> float32 [h, w, C]."""
     x = np.asarray(image).astype(_F32)
     (H, W), (oh, ow) = x.shape[:2], size
@@ -326,7 +328,7 @@ def resize(image, size, method="big_vision", *, antialias=True):
             raise ValueError("antialias=False exists only for method='big_vision'")
         return np.array(Image.fromarray(image).resize((ow, oh), resample=Image.BICUBIC))
     # big_vision's resize op: clip to the uint8 range, then tf.cast, which truncates.
-    return np.clip(_resize_float_tf(image, (oh, ow), antialias), 0, 255).astype(np.uint8)
+    return np.clip(resize_float_tf(image, (oh, ow), antialias), 0, 255).astype(np.uint8)
 
 
 def to_model_input(image_uint8, method="big_vision"):

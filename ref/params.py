@@ -94,7 +94,8 @@ _INPUT_AXES = {
 }
 
 
-def _fan_in(path, shape):
+def fan_in(path, shape):
+    """How many inputs the weight at `path` sums over (its contracted axes): `init_params` draws N(0, 1/fan_in)."""
     axes = next((a for suffix, a in _INPUT_AXES.items() if path.endswith(suffix)), (-2,))
     return int(np.prod([shape[a] for a in axes]))
 
@@ -123,7 +124,7 @@ def init_params(config: PaliGemmaConfig, seed=0, dtype=np.float32, random_norms=
         elif path.endswith("bias"):
             value = rng.normal(0.0, 0.02, shape)
         else:
-            value = rng.normal(0.0, _fan_in(path, shape) ** -0.5, shape)
+            value = rng.normal(0.0, fan_in(path, shape) ** -0.5, shape)
         flat[path] = value.astype(dtype)
     return unflatten(flat)
 

@@ -30,21 +30,23 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
+from paligemma.options import QUANT_FORMATS
+
 from .params import flatten, param_shapes, unflatten
 
-FORMATS = ("int8", "int4")
+FORMATS = QUANT_FORMATS
 GROUP_SIZE = 128
-SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # keys: options'
 QMAX = {"int8": 127, "int4": 7}
 
 _ENC = "img/Transformer/encoderblock"
-_ATT = f"{_ENC}/MultiHeadDotProductAttention_0"
+VISION_ATT = f"{_ENC}/MultiHeadDotProductAttention_0"  # SigLIP attention: its query kernel marks Keep.vision
 # Every weight that may be quantized -> its contracted axes (negative, so they hold for one layer too).
 CONTRACTED_AXES = {
-    f"{_ATT}/query/kernel": (-3,),  # [L, W, N, H]
-    f"{_ATT}/key/kernel": (-3,),  # [L, W, N, H]
-    f"{_ATT}/value/kernel": (-3,),  # [L, W, N, H]
-    f"{_ATT}/out/kernel": (-3, -2),  # [L, N, H, W]
+    f"{VISION_ATT}/query/kernel": (-3,),  # [L, W, N, H]
+    f"{VISION_ATT}/key/kernel": (-3,),  # [L, W, N, H]
+    f"{VISION_ATT}/value/kernel": (-3,),  # [L, W, N, H]
+    f"{VISION_ATT}/out/kernel": (-3, -2),  # [L, N, H, W]
     f"{_ENC}/MlpBlock_0/Dense_0/kernel": (-2,),  # [L, W, M]
     f"{_ENC}/MlpBlock_0/Dense_1/kernel": (-2,),  # [L, M, W]
     "img/head/kernel": (-2,),  # [W, D]
@@ -59,7 +61,7 @@ CONTRACTED_AXES = {
 # pixels and is where quantized ports first drift), position embeddings, norms, biases.
 
 
-def _split(shape, axes):
+def split_axes(shape, axes):
     """`(pre, C, post)`: the shape before, the merged length of, and the shape after the contracted axes."""
     first, last = len(shape) + min(axes), len(shape) + max(axes)
     if sorted(len(shape) + a for a in axes) != list(range(first, last + 1)):
@@ -142,7 +144,7 @@ def quantize_int4(w, axes, group_size=GROUP_SIZE, scale_dtype=np.float32):
     if group_size < 2 or group_size % 2:
         raise ValueError(f"int4 group size must be even and >= 2, got {group_size}")
     w = np.asarray(w).astype(_compute_dtype(w))
-    pre, C, post = _split(w.shape, axes)
+    pre, C, post = split_axes(w.shape, axes)
     groups = -(-C // group_size)
     merged = w.reshape(*pre, C, *post)  # [pre, C, post]
     pad = [(0, 0)] * len(pre) + [(0, groups * group_size - C)] + [(0, 0)] * len(post)
@@ -161,7 +163,7 @@ def dequantize_int4(q, scale, shape, axes, dtype=np.float32):
     Returns:
       [shape] in `dtype` (the zero padding dropped).
     """
-    pre, C, post = _split(shape, axes)
+    pre, C, post = split_axes(shape, axes)
     values = unpack_int4(q, len(pre)).astype(dtype)  # [pre, Cp, post]
     Cp, groups = values.shape[len(pre)], scale.shape[len(pre)]
     grouped = values.reshape(*pre, groups, Cp // groups, *post)  # [pre, Cp/G, G, post]
@@ -175,7 +177,7 @@ def quantized_shapes(shape, axes, fmt, group_size=GROUP_SIZE):
     if fmt == "int8":
         return tuple(shape), np.dtype(np.int8), tuple(1 if i - len(shape) in axes else n for i, n in enumerate(shape))
     if fmt == "int4":
-        pre, C, post = _split(shape, axes)
+        pre, C, post = split_axes(shape, axes)
         groups = -(-C // group_size)
         return pre + (groups * group_size // 2,) + post, np.dtype(np.uint8), pre + (groups,) + post
     raise ValueError(f"unknown quantization format {fmt!r}; expected one of {list(FORMATS)}")

@@ -23,11 +23,12 @@ import os
 
 import numpy as np
 
+from paligemma.options import TASKS
+
 from . import metrics
 from .image import ImageError, load_image
 from .tasks import parse, paste_mask
 
-TASKS = ("caption", "vqa", "vqav2", "chartqa", "detect", "segment")
 NEEDS_SIZE = ("detect", "segment")  # scored in the original image's pixels
 
 

@@ -28,9 +28,10 @@ import re
 import numpy as np
 from PIL import Image
 
-from .image import _resize_float_tf
+from paligemma.options import CONVENTIONS
 
-CONVENTIONS = ("big_vision", "demo")
+from .image import resize_float_tf
+
 NUM_LOC, NUM_SEG = 1024, 128  # token values 0..1023 and 0..127
 SEG_PER_OBJECT = 16
 SEPARATOR = " ; "
@@ -327,7 +328,7 @@ def crop_mask(mask, box):
     if mask.ndim != 2 or not (0 <= y0 < y1 <= mask.shape[0] and 0 <= x0 < x1 <= mask.shape[1]):
         raise ValueError(f"crop_mask: box {tuple(box)} is empty or outside the mask {list(mask.shape)}")
     crop = mask[y0:y1, x0:x1, None]  # [h, w, 1]
-    return np.clip(_resize_float_tf(crop, (MASK_SIZE, MASK_SIZE), antialias=True)[..., 0], 0, 1)
+    return np.clip(resize_float_tf(crop, (MASK_SIZE, MASK_SIZE), antialias=True)[..., 0], 0, 1)
 
 
 def paste_mask(mask64, box, height, width, convention="big_vision"):

@@ -6,11 +6,15 @@ tensor at a time: uncompressed `.npz` members (what `np.savez` writes) are memor
 read-only, so nothing is read until used and the pages can be evicted again.
 
 Nothing is ever unpickled: `.npz` members with object dtype are refused.
+
+Writing goes through `atomic_write` (checkpoints, quantized files, VQ-VAEs, golden files,
+drawings): a temporary file beside the target, renamed into place once it is complete.
 """
 
 import json
 import os
 import struct
+import tempfile
 import zipfile
 
 import ml_dtypes
@@ -225,3 +229,29 @@ def open_reader(path):
         return NpzReader(path)
     raise CheckpointError(f"{path}: unknown checkpoint format; expected a big_vision .npz, a .safetensors "
                           "file or a Hugging Face directory")
+
+
+def refuse_overwrite(path, overwrite):
+    """Raises ValueError if `path` exists and `overwrite` is False."""
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path}: already exists; pass overwrite=True to replace it")
+
+
+def atomic_write(path, write):
+    """`write(tmp_path)` to a temporary file beside `path`, flush it to disk, rename it over `path`.
+
+    An interrupted write (an exception, a full disk) removes the temporary file and leaves
+    whatever was at `path` untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -32,9 +32,8 @@ import os
 
 import numpy as np
 
-from .checkpoint import _atomic_write
 from .params import flatten, unflatten
-from .tensorfiles import CheckpointError, NpzReader
+from .tensorfiles import CheckpointError, NpzReader, atomic_write
 
 GRID, MASK_SIZE = 4, 64  # 16 codes on a 4 x 4 grid; masks of 64 x 64
 NUM_DOWN = NUM_UP = 4
@@ -206,7 +205,7 @@ def save_vae(path, params):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **tensors)
 
-    _atomic_write(os.fspath(path), write)
+    atomic_write(os.fspath(path), write)
 
 
 def write_random_vae(path, config=VAEConfig(), seed=0):
@@ -279,7 +278,7 @@ def res_block(p, x):
 
 # --------------------------------------------------------------------------- the model
 
-def _check_codes(codes, num_codes):
+def check_codes(codes, num_codes):
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != GRID * GRID or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes: expected integers [B, {GRID * GRID}], got {codes.dtype} {list(codes.shape)}")
@@ -297,7 +296,7 @@ def decode(params, codes):
     Returns:
       [B, 64, 64] in the parameters' dtype; the trained model gives ~[-1, 1], > 0 inside the mask.
     """
-    codes = _check_codes(codes, params["codebook"].shape[0])
+    codes = check_codes(codes, params["codebook"].shape[0])
     x = params["codebook"][codes]  # [B, 16, E]
     return decode_latents(params, x.reshape(len(codes), GRID, GRID, -1))  # [B, 64, 64]
 

@@ -188,3 +188,113 @@ def test_generate_refuses_a_prompt_past_the_context_before_any_work():
     tokens = np.full((1, 12_000), 5)
     with pytest.raises(ValueError, match=r"16 image tokens \+ 12000 text tokens \+ 4 new tokens = 12020 positions.*8192"):
         fast.generate(PARAMS, CONFIG, IMAGES["a"][None], tokens, np.zeros_like(tokens), None, 4)
+
+
+def test_the_pallas_kernels_serve_the_engine_cache():
+    """The decode kernel reads the pool's cache (per-row lengths, max_seq rounded to whole tiles)."""
+    from paligemma.parity.tolerances import KERNEL_FLOAT32
+
+    engine = Engine(PARAMS, CONFIG, slots=2, max_seq=64, policy=fast.Policy(attention_impl="pallas_interpret"))
+    assert engine.max_seq == 128
+    requests = [make_request("a", 17, 5, token_seed=1), make_request("b", 3, 5, "top_k(4)", seed=2, token_seed=2),
+                make_request("a", 3, 5, token_seed=3)]
+    streams = [engine.submit(r) for r in requests]
+    engine.run_until_idle()
+    for request, stream in zip(requests, streams):
+        completion = stream.result(timeout=0)
+        tokens, logprobs = alone(request)
+        np.testing.assert_array_equal(completion.tokens, tokens)
+        assert relative_error(completion.logprobs, logprobs) <= KERNEL_FLOAT32.bound()
+
+
+MESH_SCRIPT = """
+import json, numpy as np
+from paligemma import fast
+from paligemma.fast.engine import Engine
+import tests.test_engine as t
+engine = Engine(t.PARAMS, t.CONFIG, slots=4, max_seq=64, mesh="data=2,model=2")
+requests = [t.make_request("a", 17, 6, token_seed=1), t.make_request("b", 3, 6, "top_k(4)", seed=2, token_seed=2),
+            t.make_request("ab", 3, 6, token_seed=3), t.make_request("b", 17, 6, "nucleus(0.7, 1.2)", token_seed=4),
+            t.make_request("a", 3, 6, seed=5, token_seed=5)]
+streams = [engine.submit(r) for r in requests]
+engine.run_until_idle()
+out = []
+for r, s in zip(requests, streams):
+    c = s.result(timeout=0)
+    tokens, logprobs = t.alone(r)
+    out.append(dict(tokens=c.tokens.tolist(), alone=tokens.tolist(), logprobs=c.logprobs.tolist(),
+                    alone_logprobs=logprobs.tolist(), sharding=str(engine._cache.k.sharding.spec)))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_the_engine_on_a_mesh_gives_the_one_device_answers():
+    """Slots over data, heads over model (4 virtual CPU devices in a subprocess)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULT", 1)[1])
+    for r in results:
+        assert r["tokens"] == r["alone"]
+        assert relative_error(np.array(r["logprobs"]), np.array(r["alone_logprobs"])) <= FLOAT32_REORDERED.bound()
+        assert "data" in r["sharding"]
+
+
+def test_the_engine_programs_compile_for_a_tpu_topology():
+    """bench/compile_engine.py on a tiny preset: the decode step and an admission compile for TPU v5e
+    (Mosaic kernels under shard_map) with the pool's cache donated (in `.venv-tpu`, libtpu)."""
+    import json
+    import os
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    python = root / ".venv-tpu" / "bin" / "python"
+    if not python.exists():
+        if os.environ.get("PALIGEMMA_REQUIRE_TPU"):
+            pytest.fail(f"{python} is missing: `make tpu-env` installs jax[tpu]")
+        pytest.skip(f"no TPU compile environment: {python} is missing (`make tpu-env`)")
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(root / "bench")!r})
+        import compile_engine
+        print("@@" + json.dumps(compile_engine.plan("tiny-paligemma2", "data=2,model=4", 4, 64, 2)))
+    """)
+    run = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    line = next((x for x in run.stdout.splitlines() if x.startswith("@@")), None)
+    assert line, run.stderr[-4000:]
+    plan = json.loads(line[2:])
+    assert plan["max_seq"] == 128
+    for stage in ("decode", "admit"):
+        assert plan[stage]["arguments"] > 0 and plan[stage]["alias"] > 0, plan  # the cache updated in place
+
+
+def test_paligemma_generate_refuses_a_prompt_past_the_context(tmp_path, capsys):
+    """The demo model and a 12,000-token prompt: exit 2 naming both numbers (it used to run out of memory)."""
+    import os
+
+    from PIL import Image
+
+    import paligemma.ref
+    from paligemma.cli.main import main
+
+    assets = os.path.join(os.path.dirname(paligemma.ref.__file__), "assets")
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    code = main(["generate", "--checkpoint", os.path.join(assets, "demo-model.npz"), "--tokenizer",
+                 os.path.join(assets, "demo-tokenizer.model"), "--image", str(image), "--prompt",
+                 "caption " + "circle " * 12_000, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "more than the language model's context of 8192" in err and "64 image tokens" in err, err

@@ -296,7 +296,7 @@ def _assert_truncates(got_uint8, reference, tol=2e-3):
 def test_big_vision_resize_matches_per_pixel_formula(h, w, oh, ow, antialias, seed):
     img = np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
     ref = _reference_resize(img, oh, ow, antialias)
-    np.testing.assert_allclose(I._resize_float_tf(img, (oh, ow), antialias), ref, atol=2e-3)
+    np.testing.assert_allclose(I.resize_float_tf(img, (oh, ow), antialias), ref, atol=2e-3)
     _assert_truncates(resize(img, (oh, ow), antialias=antialias), ref)
 
 
@@ -306,8 +306,8 @@ def test_upscaling_with_antialias_is_plain_bilinear(h, w, up, seed):
     size = (h + up, w + up)
     # Two algorithms, two float32 summation orders: values up to 255 agree to a few ulps
     # (measured 4.6e-6 relative at worst), far below the 1.0 a uint8 level would need.
-    np.testing.assert_allclose(I._resize_float_tf(img, size, True),
-                               I._resize_float_tf(img, size, False), rtol=2e-5, atol=1e-3)
+    np.testing.assert_allclose(I.resize_float_tf(img, size, True),
+                               I.resize_float_tf(img, size, False), rtol=2e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape,size", [((300, 200, 3), 32), ((15, 9, 3), 37), ((7, 64, 3), 16)])
@@ -326,7 +326,7 @@ def test_constant_image_stays_constant(h, w, size, value, antialias):
     # constant v may come out as v - 1 (real TF does this too); never anything else.
     got = resize(img, size, antialias=antialias).astype(int)
     assert np.all((got == value) | (got == value - 1))
-    np.testing.assert_allclose(I._resize_float_tf(img, (size, size), antialias), value, rtol=1e-5)
+    np.testing.assert_allclose(I.resize_float_tf(img, (size, size), antialias), value, rtol=1e-5)
     np.testing.assert_array_equal(resize(img, size, "hf"), img[:1, :1].repeat(size, 0).repeat(size, 1))
 
 

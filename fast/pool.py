@@ -1,0 +1,83 @@
+"""The compiled programs of `fast.engine` over its pool of slots: encode an image, admit requests
+(prefill into free rows of the pool's cache), decode one token for every slot, each row sampled
+by its own sampler and random stream.
+
+Axes: B slots (or the b requests of an admission), S cache columns, V vocabulary, P image
+tokens, T text tokens, D width.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from . import gemma
+from .decode import KVCache, extend, prefill
+from .model import embed_images, jit_model
+
+GREEDY, TEMPERATURE, TOP_K, NUCLEUS = range(4)
+SAMPLER_KINDS = {"greedy": GREEDY, "temperature": TEMPERATURE, "top_k": TOP_K, "nucleus": NUCLEUS}
+
+def sample_rows(logits, kinds, temperature, top_k, top_p, keys):
+    """Each row's next token by its own sampler and random stream: [B, V] -> ([B], new keys [B, 2]).
+
+    Row b computes what `fast.decode.sample` computes for that request alone (same cut rules,
+    same `categorical` on a [1, V] row), so seeded answers are the same tokens. The sort that
+    top-k and nucleus need runs only when some row asks for it.
+    """
+    B, V = logits.shape
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+    keys, subs = pairs[:, 0], pairs[:, 1]
+    scaled = logits / temperature[:, None]  # [B, V]
+
+    def cut(scaled):
+        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
+        kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)  # [B, 1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)  # [B, V]
+        inside = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1), V - 1)  # [B]
+        nucleus = jnp.take_along_axis(ordered, inside[:, None], axis=-1)  # [B, 1]
+        threshold = jnp.where(kinds[:, None] == TOP_K, kth, jnp.where(kinds[:, None] == NUCLEUS, nucleus, -jnp.inf))
+        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    scaled = jax.lax.cond(jnp.any((kinds == TOP_K) | (kinds == NUCLEUS)), cut, lambda s: s, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(subs, scaled)  # [B]
+    return jnp.where(kinds == GREEDY, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32), keys
+
+
+def choose(logits, samplers, keys):
+    """(tokens [B], their log-probabilities [B], new keys) from logits [B, V]."""
+    tokens, keys = sample_rows(logits, *samplers, keys)
+    logp = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(len(tokens)), tokens]  # [B]
+    return tokens, logp, keys
+
+
+def encode(params, images, config, policy):
+    return embed_images(params["img"], config, images, policy)  # [1, F*P, D]
+
+
+def admit(params, cache, rows, image_tokens, tokens, mask_ar, input_mask, samplers, keys, config, policy):
+    """Prefills b requests and writes them into cache rows `rows` [b] (out of range: dropped)."""
+    S = cache.valid.shape[1]
+    N = image_tokens.shape[1] + tokens.shape[1]
+    rope = gemma.rope_table(S, config.llm.head_dim, config.llm.rope_base)
+    new, logits = prefill(params, config, None, tokens, mask_ar, input_mask, S - N, policy, rope,
+                          image_tokens=image_tokens)  # new: [L, b, S, K, H], logits [b, V]
+    put = lambda full, part, axis: full.at[(slice(None),) * axis + (rows,)].set(part, mode="drop")  # noqa: E731
+    # Decoding writes each row after its real tokens (left-aligned), over the bucket's padding.
+    cache = KVCache(put(cache.k, new.k, 1), put(cache.v, new.v, 1), put(cache.valid, new.valid, 0),
+                    put(cache.positions, new.positions, 0), put(cache.lengths, new.lengths, 0),
+                    put(cache.next_slot, new.lengths, 0))
+    return (cache, *choose(logits, samplers, keys))
+
+
+def decode(params, cache, tokens, active, samplers, keys, config, policy):
+    """One token for every slot: the active ones advance, the free ones are left as they were."""
+    rope = gemma.rope_table(cache.valid.shape[1], config.llm.head_dim, config.llm.rope_base)
+    new, logits = extend(params, config, cache, tokens, policy, rope)  # logits [B, V]
+    cache = new._replace(lengths=jnp.where(active, new.lengths, cache.lengths),
+                         next_slot=jnp.where(active, new.next_slot, cache.next_slot))
+    tokens, logp, new_keys = choose(logits, samplers, keys)
+    return cache, tokens, logp, jnp.where(active[:, None], new_keys, keys)
+
+
+encode = jit_model(encode, ("config", "policy"))
+admit = jit_model(admit, ("config", "policy"), donate_argnames=("cache",))
+decode = jit_model(decode, ("config", "policy"), donate_argnames=("cache",))
