@@ -63,7 +63,7 @@ def _per_group(x, w):
 
 def _group_dot(x, w, tiles):
     """`_per_group` for a float or a quantized (`fast.quant`) weight [G, D, O]: [G, B, T, O]."""
-    return quant.per_group(x, w, tiles) if quant.is_quantized(w) else _per_group(x, _cast(w, x))
+    return quant.per_group(x, w, tiles) if quant.routed(w, x, tiles) else _per_group(x, _cast(w, x))
 
 
 # The low-rank term of each LoRA-adapted weight (`fast.lora.attach`), as two einsums: x A, then
@@ -203,7 +203,7 @@ def attention(params, x, positions, attn_mask, config: GemmaConfig, policy: Poli
     N, w_out = enc.shape[2], params["attn_vec_einsum"]["w"]
     extra = _lora_term(enc, w_out, "attn_vec_einsum")  # [B, T, D] or 0
     w_out = _base(w_out)  # [N, H, D]
-    if quant.is_quantized(w_out):
+    if quant.routed(w_out, enc, tiles):
         return quant.matmul(enc.reshape(B, T, N * H), w_out, 2, tiles) + extra, updated  # [B, T, D]
     w_out = _cast(w_out, x).reshape(N * H, D)  # [N, H, D] as [N*H, D]
     return (enc.reshape(B, T, N * H) @ w_out) + extra, updated  # einsum("BTNH,NHD->BTD"): [B, T, D]
@@ -217,7 +217,7 @@ def mlp(params, x, policy: Policy = None):
     gate = jax.nn.gelu(gate_up[0], approximate=True)  # [B, T, F]
     up = gate_up[1]  # [B, T, F]
     extra = _lora_term(gate * up, w_down, "linear")  # [B, T, D] or 0
-    if quant.is_quantized(_base(w_down)):
+    if quant.routed(_base(w_down), gate * up, tiles):
         return quant.matmul(gate * up, _base(w_down), 1, tiles) + extra  # [B, T, D]
     return jnp.einsum("BTF,FD->BTD", gate * up, _cast(_base(w_down), x)) + extra  # [B, T, D]
 
@@ -375,7 +375,7 @@ def logits(params, pre_logits, config: GemmaConfig, mesh=None):
     """
     table = params["embedder"]["input_embedding"]  # [V, D]
     cap = config.final_logits_softcap
-    if quant.is_quantized(table):
+    if quant.routed(table, pre_logits, quant.tiled() and mesh is None, logits=True):
         out = quant.logits(pre_logits, table, quant.tiled() and mesh is None)  # [B, T, V]
         return cap * jnp.tanh(out / cap) if cap else out
     V, D = table.shape

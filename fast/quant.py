@@ -39,6 +39,8 @@ import numpy as np
 
 from paligemma.kernels import quant_cpu
 
+from . import dense
+
 TILE_BYTES = 1 << 22  # the float32 block one loop step dequantizes (L3-resident; 256 KiB, 1 MiB: slower)
 FEW_ROWS = 16  # x with at most this many rows (decoding) loops over the contracted axis instead
 CPU_KERNEL = True  # few rows on the CPU: `kernels.quant_cpu` where it is built (read while tracing)
@@ -55,6 +57,12 @@ def is_quantized_tree(params):
         return True
     children = params.values() if isinstance(params, dict) else params if isinstance(params, (list, tuple)) else ()
     return any(is_quantized_tree(c) for c in children)
+
+
+def routed(w, x, tiles=True, logits=False):
+    """Whether `fast.gemma` multiplies x by w here (`per_group`, `matmul`, `logits`: say so): a
+    quantized w, or a float32 one with a few rows of x on the CPU (`fast.dense.applies`: batched decoding)."""
+    return is_quantized(w) or dense.applies(w, x, tiles, logits)
 
 
 def format_of(w):
@@ -238,7 +246,10 @@ def _chunked_dot(x, q, scale):
 
 def per_group(x, w, tiles=True):
     """`einsum("BTD,...DO->...BTO")` for a quantized w [G..., D, O] (int4: [G..., Dp/2, O]),
-    the leading axes merged into one G: returns [G, B, T, O] (`fast.gemma._per_group`'s layout)."""
+    the leading axes merged into one G: returns [G, B, T, O] (`fast.gemma._per_group`'s layout).
+    A float w [G, D, O] (`routed`) goes to `fast.dense`."""
+    if not is_quantized(w):
+        return dense.group_dot(x, w)
     q, scale = w["q"], w["scale"]
     B, T, D = x.shape
     G = int(np.prod(q.shape[:-2]))
@@ -252,8 +263,10 @@ def matmul(x, w, contracted=1, tiles=True):
     (merged, C = their product), e.g. [N, H, D] with contracted=2; int4 stores them merged already.
 
     Returns:
-      [..., out...] (the weight's remaining axes) in x's dtype.
+      [..., out...] (the weight's remaining axes) in x's dtype; a float w (`routed`): `fast.dense`.
     """
+    if not is_quantized(w):
+        return dense.matmul(x, w, contracted)
     q, scale = w["q"], w["scale"]
     merged = 1 if q.dtype == jnp.uint8 else contracted  # int4 keeps the contracted axes as one
     out_shape = q.shape[merged:]
@@ -288,7 +301,9 @@ def _rows_dot(x, q, scale):
 def logits(x, table, tiles=True):
     """The tied output projection `x @ E^T` with a quantized embedding: x [B, T, D] -> [B, T, V] float32,
     when `tiles` by `kernels.quant_cpu.rows` for few rows (where it is built), else in slabs of
-    vocabulary rows."""
+    vocabulary rows. A float table (`routed`) goes to `fast.dense`."""
+    if not is_quantized(table):
+        return dense.logits(x, table)
     q, scale = table["q"], table["scale"]
     V, Cq = q.shape
     B, T, _ = x.shape

@@ -265,6 +265,7 @@ void columns(const float* x, int64_t M, int64_t C, const uint8_t* q, const float
 }
 
 #include "quant_cpu_rows.h"  // rows (and quant_cpu_lanes.h)
+#include "quant_cpu_f32.h"  // float32 weights, few rows of x (batched decoding)
 
 // x [G, M, C] @ dequantize(q [G, Cq, O], scale [G, S, O]) -> out [G, M, O], on all threads.
 template <bool kInt4>
@@ -348,6 +349,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt8Columns, ColumnsImpl<false>, PALIGEMM
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt4Columns, ColumnsImpl<true>, PALIGEMMA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt8Rows, RowsImpl<false>, PALIGEMMA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaInt4Rows, RowsImpl<true>, PALIGEMMA_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaF32Columns, F32ColumnsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaF32Rows, F32RowsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 // Which of the loops above this build runs (for `quant_cpu.built_isa()`): 2 AVX-512, 1 AVX2, 0 neither.
 extern "C" int PaligemmaQuantIsa() {

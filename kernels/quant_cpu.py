@@ -7,6 +7,13 @@ loops in `quant_cpu.cc` read each quantized byte once and convert it in register
 
     out = columns(x, q, scale)   # x [G, M, Cp] @ dequantize(q [G, Cq, O], scale [G, S, O]) -> [G, M, O]
     out = rows(x, q, scale)      # x [M, Cp] @ dequantize(q [V, Cq], scale [V, S])^T   -> [M, V]
+    out = dense_columns(x, w)    # float32: x [G, M, C] @ w [G, C, O] -> [G, M, O]
+    out = dense_rows(x, w)       # float32: x [M, C] @ w [V, C]^T     -> [M, V]
+
+The float32 pair (`quant_cpu_f32.h`) is for batched decoding: XLA:CPU multiplies 2-16 rows of x
+by a weight as a GEMM that packs (copies) panels of the weight first, while these loops read each
+weight element once for all rows (docs/kernels.md). Each output is a float32 sum of float32
+products, XLA's up to reassociation (`reference_dense_columns` / `reference_dense_rows`).
 
 int8: Cq = Cp, S = 1 (one scale per output channel / vocabulary row). int4 (q uint8): Cq = Cp / 2,
 byte b holds elements 2b (low nibble) and 2b + 1 (high), sign-extended; S groups of Cp / S
@@ -46,9 +53,10 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("quant_cpu.cc")
-PARTS = (SOURCE, *(SOURCE.with_name(f"quant_cpu_{part}.h") for part in ("rows", "lanes", "avx512")))  # what the build reads
+PARTS = (SOURCE, *(SOURCE.with_name(f"quant_cpu_{part}.h") for part in ("rows", "lanes", "avx512", "f32")))  # what the build reads
 TARGETS = {("int8", "columns"): "PaligemmaInt8Columns", ("int4", "columns"): "PaligemmaInt4Columns",
-           ("int8", "rows"): "PaligemmaInt8Rows", ("int4", "rows"): "PaligemmaInt4Rows"}
+           ("int8", "rows"): "PaligemmaInt8Rows", ("int4", "rows"): "PaligemmaInt4Rows",
+           ("float32", "columns"): "PaligemmaF32Columns", ("float32", "rows"): "PaligemmaF32Rows"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 # `PALIGEMMA_KERNEL_ISA` builds for less than the machine has, so that one machine can test each
 # path of quant_cpu.cc: "native" (the default: AVX-512 where there is one), "avx2" (the AVX2 loops,
@@ -179,6 +187,31 @@ def _call(kind, x, q, scale, out_shape):
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32))
 
 
+def _dense_call(kind, x, w, out_shape):
+    rank = 3 if kind == "columns" else 2
+    names = "x [G, M, C], w [G, C, O]" if kind == "columns" else "x [M, C], w [V, C]"
+    contracted = w.shape[-2] if kind == "columns" else w.shape[-1]
+    if (x.ndim, w.ndim) != (rank, rank) or x.shape[-1] != contracted or (kind == "columns" and x.shape[0] != w.shape[0]):
+        raise ValueError(f"quant_cpu.dense_{kind}: expected {names}; got x {list(x.shape)}, w {list(w.shape)}")
+    if jnp.dtype(x.dtype) != jnp.float32 or jnp.dtype(w.dtype) != jnp.float32:
+        raise ValueError(f"quant_cpu.dense_{kind}: x and w must be float32, got {x.dtype} and {w.dtype}")
+    if not available():
+        raise RuntimeError(f"quant_cpu.dense_{kind}: the CPU kernels are unavailable: {unavailable_reason()}")
+    call = jax.ffi.ffi_call(TARGETS["float32", kind], jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+def dense_columns(x, w):
+    """float32 x [G, M, C] @ w [G, C, O] -> [G, M, O], each weight element read once for all M rows."""
+    return _dense_call("columns", x, w, (x.shape[0], x.shape[1], w.shape[-1]))
+
+
+def dense_rows(x, w):
+    """float32 x [M, C] @ w [V, C]^T -> [M, V] (the tied embedding's logits), w read once for all M rows."""
+    return _dense_call("rows", x, w, (x.shape[0], w.shape[0]))
+
+
 def columns(x, q, scale):
     """x [G, M, Cp] @ dequantize(q, scale) [G, Cp, O] -> [G, M, O] float32 (see the module doc)."""
     return _call("columns", x, q, scale, (x.shape[0], x.shape[1], q.shape[-1]))
@@ -211,3 +244,13 @@ def reference_columns(x, q, scale):
 def reference_rows(x, q, scale):
     """`rows` in plain JAX: [M, V] float32."""
     return jnp.einsum("MC,VC->MV", x.astype(jnp.float32), dequantize(q, scale, 1))
+
+
+def reference_dense_columns(x, w):
+    """`dense_columns` in plain JAX: [G, M, O] float32."""
+    return jnp.einsum("GMC,GCO->GMO", x, w)
+
+
+def reference_dense_rows(x, w):
+    """`dense_rows` in plain JAX: [M, V] float32."""
+    return jnp.einsum("MC,VC->MV", x, w)
