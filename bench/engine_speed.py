@@ -33,24 +33,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import peak_rss  # noqa: E402
-from generate_speed import bench_config, decode_bytes, ensure_weights  # noqa: E402
+from _machine import ReadFloor, peak_rss, reset_peak, weights_read_seconds  # noqa: E402
+from generate_speed import bench_config, ensure_weights  # noqa: E402
 
 MARK = "@@engine@@ "
-
-
-def read_floor_bandwidth(rounds=5):
-    """Best bytes/s of a float32 matrix-vector product over 1 GiB (NumPy's BLAS)."""
-    a = np.ones((16384, 16384), np.float32)
-    x = np.ones(16384, np.float32)
-    best = min(_timed(lambda: a @ x) for _ in range(rounds))
-    return a.nbytes / best
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def make_requests(config, n, text_tokens, seed):
@@ -77,8 +63,10 @@ def fast_worker(args):
     from paligemma.fast.engine import Engine, Request
 
     config = bench_config(args.vision_depth, args.text_depth)
-    _, params = ref.load(args.weights)
-    params = jax.tree_util.tree_map(jax.device_put, fast.unstack_layers(params))
+    _, loaded = ref.load(args.weights)
+    params = jax.tree_util.tree_map(jax.device_put, fast.unstack_layers(loaded))
+    del loaded
+    reset_peak()  # peak RSS from here on: the served model, not the loading
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     requests = make_requests(config, args.requests, args.text_tokens, args.seed)
     useful = sum(n for _, _, n in requests)
@@ -148,15 +136,18 @@ def fast_worker(args):
 
     for size, name in ((1, "sequential"), (8, "static 8")):
         batches = [requests[i:i + size] for i in range(0, len(requests), size)]
-        run_generate(batches[0])  # compile for this batch size (and the longest answers: one program per length)
+        # `fast.generate` compiles one program per (batch size, max_new_tokens): all of them before timing.
+        for n in sorted({max(r[2] for r in batch) for batch in batches}):
+            run_generate([(image, tokens, n) for image, tokens, _ in batches[0]])
         t0 = time.perf_counter()
         for batch in batches:
             run_generate(batch)
         wall = time.perf_counter() - t0
         results["rows"].append(dict(system=name, wall=wall, tokens_per_s=useful / wall, rss=peak_rss()))
         print(f"# {name}: {useful / wall:.1f} tokens/s", file=sys.stderr, flush=True)
-    results["read_bw"] = read_floor_bandwidth()
-    results["floor"] = decode_bytes(config) / results["read_bw"]
+    floor = ReadFloor()
+    results["read_bw"], results["read_how"] = floor.measure(repeats=5)
+    results["floor"] = weights_read_seconds(params, results["read_bw"])
     print(MARK + json.dumps(results))
 
 
@@ -202,7 +193,7 @@ def report(fast, hf, args):
     seq, gb = by["sequential"]["tokens_per_s"], 1e9
     print(f"{args.requests} requests, answers 4-64 tokens ({fast['useful_tokens']} in all), prompt "
           f"{args.text_tokens} text tokens + 256 image tokens, greedy, float32; read floor "
-          f"{1000 * fast['floor']:.0f} ms per step ({fast['read_bw'] / gb:.1f} GB/s); weights "
+          f"{1000 * fast['floor']:.0f} ms per step ({fast['read_bw'] / gb:.1f} GB/s, {fast['read_how']}); weights "
           f"{fast['weights_bytes'] / gb:.2f} GB")
     print("| system | wall s | tokens/s | x sequential | TTFT p50 / p95 ms | TPOT p50 / p95 ms | "
           "8-slot step / floor | peak RSS GB (weights + cache + 1) |")
