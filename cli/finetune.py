@@ -108,7 +108,7 @@ def run_finetune(args, usage_error):
 
         resume(args.resume, progress=not args.quiet, export=export, **given,
                on_step=_draw_at_checkpoints(args.resume, _recorded_checkpoint_every(args.resume)))
-        draw_quietly(args.resume, sys.stderr)  # loss.png at the end
+        _draw(args.resume)  # loss.png at the end
         return 0
     missing = [f"--{n}" for n in ("checkpoint", "tokenizer", "train", "out") if getattr(args, n) is None]
     if missing:
@@ -125,8 +125,16 @@ def run_finetune(args, usage_error):
     finetune(args.checkpoint, args.tokenizer, args.train, args.out, config, val=args.val, image_root=args.image_root,
              skip_bad=args.skip_bad_lines, progress=not args.quiet, export=export, stream=sys.stderr,
              on_step=_draw_at_checkpoints(args.out, config.checkpoint_every))
-    draw_quietly(args.out, sys.stderr)  # loss.png at the end
+    _draw(args.out)  # loss.png at the end
     return 0
+
+
+def _draw(out):
+    """OUT/loss.png, drawn by the process that writes files (process 0 of several)."""
+    from paligemma.fast.distributed import is_writer
+
+    if is_writer():
+        draw_quietly(out, sys.stderr)
 
 
 def _draw_at_checkpoints(out, every):
@@ -135,7 +143,7 @@ def _draw_at_checkpoints(out, every):
 
     def on_step(step, metrics):
         if every and step % every == 0:
-            draw_quietly(out, sys.stderr)
+            _draw(out)
 
     return on_step
 

@@ -167,7 +167,7 @@ def test_finetune_two_processes_equal_one_and_resume_on_one(files, tmp_path):
     assert _close(ev1["val_loss"], ev2["val_loss"]) and ev1["exact_match"] == ev2["exact_match"], (ev1, ev2)
     ckpts = multi / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["LATEST", "step_00000002", "step_00000004"]
-    assert sorted(os.listdir(multi)) == ["checkpoints", "metrics.jsonl", "model.npz", "model_hf", "run.json"]
+    assert sorted(os.listdir(multi)) == ["checkpoints", "loss.png", "metrics.jsonl", "model.npz", "model_hf", "run.json"]
     # The checkpoint holds the gathered arrays (fsdp shards of both processes), as one process has them.
     a, b = (np.load(f / "checkpoints" / "step_00000004" / "trainable.npz") for f in (single, multi))
     assert a.files == b.files
