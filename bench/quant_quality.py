@@ -1,13 +1,13 @@
 """How much int8 and int4 change a model's predictions: the quality table of docs/quantization.md.
 
     python bench/quant_quality.py                       # tiny random models with real proportions
-    python bench/quant_quality.py --demo                # ... and the trained demo model (ref/assets)
+    python bench/quant_quality.py --demo                # ... and the trained demo model (ref/demo/assets)
 
 For each format (and keep option), against the float32 model, with `paligemma.fast`:
   top-1 agreement   teacher-forced along the float32 model's greedy answer: the share of answer
                     positions (EOS included) where the quantized model's argmax is the same token;
   greedy agreement  the share of examples whose whole greedy answer is identical.
-The demo model also answers `detect K` on held-out scenes (`ref.shapes`, a seed its training never
+The demo model also answers `detect K` on held-out scenes (`ref.tasks.shapes`, a seed its training never
 used): a detection is correct when every true box of kind K is matched one to one by a predicted
 box with IoU >= 0.5 and nothing else is predicted (scripts/score_demo.py's matching).
 """
@@ -22,8 +22,8 @@ import numpy as np
 from paligemma import fast, ref
 from paligemma.ref import quant as rq
 from paligemma.ref.config import GemmaConfig, PaliGemmaConfig, VisionConfig
+from paligemma.ref.demo import ASSETS
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ref", "assets")
 FORMATS = [("int8", rq.Keep()), ("int8", rq.Keep(embedding=True)), ("int4", rq.Keep()),
            ("int4", rq.Keep(vision=True, embedding=True, end_layers=1))]
 
@@ -100,7 +100,7 @@ def random_models(args):
 
 def demo_scenes(n, seed):
     """`n` held-out scenes and one `detect K` prompt per kind present in each."""
-    from paligemma.ref import shapes
+    from paligemma.ref.tasks import shapes
     rng = np.random.default_rng(seed)
     scenes = [shapes.random_scene(rng, **shapes.DEMO_SCENE) for _ in range(n)]  # as the demo model was trained
     pairs = [(scene, kind) for scene in scenes for kind in sorted({s.kind for s in scene.shapes})]
@@ -109,10 +109,10 @@ def demo_scenes(n, seed):
 
 def detection_correct(answer, scene, kind):
     """Every true box of `kind` matched one to one (greedy by IoU) with IoU >= 0.5, nothing extra."""
-    from paligemma.ref import metrics, tasks
+    from paligemma.ref.tasks import answers, metrics
     size = scene.image.shape[0]
     true = [s.box for s in scene.of_kind(kind)]
-    objects = tasks.parse(answer, size, size).objects
+    objects = answers.parse(answer, size, size).objects
     if len(objects) != len(true) or any(o.errors for o in objects):
         return False
     pairs = sorted(((metrics.box_iou(t, o.box), i, j) for i, t in enumerate(true) for j, o in enumerate(objects)),
@@ -159,7 +159,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="prompts per random model")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--demo", action="store_true", help="also the trained demo model (ref/assets)")
+    parser.add_argument("--demo", action="store_true", help="also the trained demo model (ref/demo/assets)")
     parser.add_argument("--skip-random", action="store_true")
     parser.add_argument("--scenes", type=int, default=40, help="held-out demo scenes")
     parser.add_argument("--seed", type=int, default=20261126, help="scene seed (not one training used)")

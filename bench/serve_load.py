@@ -39,7 +39,7 @@ MAX_CLIENTS, MAX_SECONDS = 64, 60
 def scene_url(seed):
     from PIL import Image
 
-    from paligemma.ref import shapes
+    from paligemma.ref.tasks import shapes
 
     scene = shapes.random_scene(np.random.default_rng(seed), **shapes.DEMO_SCENE)
     buffer = io.BytesIO()

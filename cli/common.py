@@ -120,10 +120,10 @@ def join_processes(args):
 
 
 def demo_asset(name):
-    """A file of the embedded demo model (`ref/assets/`, installed next to `paligemma.ref`)."""
-    import paligemma.ref
+    """A file of the embedded demo model (`ref/demo/assets/`, installed with `paligemma.ref.demo`)."""
+    from paligemma.ref.demo import asset
 
-    return os.path.join(os.path.dirname(paligemma.ref.__file__), "assets", name)
+    return asset(name)
 
 
 def model_files(args):

@@ -5,7 +5,7 @@
     paligemma demo --checkpoint pt.npz --tokenizer tok.model --vae vae-oid.npz --image cat.jpg \\
                    --prompt "caption en" --prompt "detect cat" --prompt "segment cat"
 
-The embedded model (`paligemma/ref/assets/`, 64 px, ~1.5 M parameters, reproduced by
+The embedded model (`paligemma/ref/demo/assets/`, 64 px, ~1.5 M parameters, reproduced by
 `scripts/train_demo.py`; its held-out accuracy is in docs/demo.md) knows circles, squares and
 triangles in red, green and blue. With --checkpoint / --tokenizer / --vae any PaliGemma runs the
 same way. Each answer is printed with its parsed objects; `annotated.png` shows every detected
@@ -49,9 +49,9 @@ def run_demo(args, usage_error):
     import numpy as np
     from PIL import Image
 
-    from paligemma.ref import shapes
-    from paligemma.ref.draw import save_png
-    from paligemma.ref.image import load_image
+    from paligemma.ref.inputs.image import load_image
+    from paligemma.ref.tasks import shapes
+    from paligemma.ref.tasks.draw import save_png
 
     checkpoint, tokenizer, vae_path = model_files(args)
     os.makedirs(args.out, exist_ok=True)
@@ -69,8 +69,8 @@ def run_demo(args, usage_error):
 
     from paligemma.fast.pipeline import PaliGemma
     from paligemma.fast.vqvae import decode, load_vae
-    from paligemma.ref.draw import draw_objects
-    from paligemma.ref.tasks import parse, paste_mask
+    from paligemma.ref.tasks.answers import parse, paste_mask
+    from paligemma.ref.tasks.draw import draw_objects
 
     t0 = time.perf_counter()
     model = PaliGemma.load(checkpoint, tokenizer)

@@ -8,7 +8,7 @@
 Greedy decoding in batches (a progress bar on stderr), then OUT/predictions.jsonl (one line
 per example with its id) and OUT/metrics.json (the task's metric, "count" and "invalid": the
 unparseable answers, scored 0). The JSONL layout per task is in docs/transfer.md and
-`paligemma.ref.scoring`; the engine is `paligemma.fast.evaluate`. The metrics are printed as
+`paligemma.ref.tasks.scoring`; the engine is `paligemma.fast.evaluate`. The metrics are printed as
 one JSON line on stdout.
 """
 

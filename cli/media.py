@@ -68,7 +68,7 @@ def inputs(args, model, err):
     """The examples for `PaliGemma.generate`: a list of image lists or of video frames
     [F, R, R, 3], one per (example, prompt) pair; prints the image token cost on `err`."""
     from paligemma.ref import load_image, load_video
-    from paligemma.ref.media import token_count_line
+    from paligemma.ref.inputs.media import token_count_line
 
     R = model.config.vision.image_size
     if args.media == "images":

@@ -38,8 +38,8 @@ def add_parser(commands, usage_error):
 
 def run_quantize(args, usage_error):
     """The `quantize` command. Returns the exit status."""
+    from paligemma.ref.checkpoints.quantfile import quantize_file
     from paligemma.ref.quant import Keep
-    from paligemma.ref.quantfile import quantize_file
 
     check_file(args.checkpoint, "--checkpoint", directory_ok=True)
     if not args.out.endswith(".safetensors"):

@@ -1,7 +1,7 @@
 """`paligemma generate` for detection and segmentation: parsed objects as JSON, masks, drawings.
 
 For a prompt that starts with "detect " or "segment ", the answer is parsed
-(`paligemma.ref.tasks.parse`) into objects with boxes in pixels of the original image:
+(`paligemma.ref.tasks.answers.parse`) into objects with boxes in pixels of the original image:
 
     {"objects": [{"label": "cat", "box": [y0, x0, y1, x1], "loc": [...], "errors": [],
                   "seg": [16 codes], "mask": {"area": 1234, "rle": [...]}}]}
@@ -88,7 +88,7 @@ def _masks(objects, vae, args, height, width):
     """Pasted [H, W] masks for the objects with 16 valid codes (None elsewhere)."""
     import numpy as np
 
-    from paligemma.ref.tasks import paste_mask
+    from paligemma.ref.tasks.answers import paste_mask
 
     todo = [i for i, o in enumerate(objects) if o.has_mask_codes and o.box is not None]
     masks = [None] * len(objects)
@@ -117,8 +117,8 @@ def task_outputs(pairs, results, args, err):
     import numpy as np
 
     from paligemma.ref import load_image
-    from paligemma.ref.draw import draw_objects, save_png
-    from paligemma.ref.tasks import parse
+    from paligemma.ref.tasks.answers import parse
+    from paligemma.ref.tasks.draw import draw_objects, save_png
 
     tasks = [task_of(prompt) for _, prompt in pairs]
     if "segment" in tasks and args.vae is None:

@@ -6,7 +6,7 @@ One JSON object per line, as big_vision's `bv:jsonl` reads it for `forkme.py`: `
 path relative to the JSONL file's folder (or to `image_root`), `prefix` the prompt, `suffix` the
 target. Instead of `image` a line may give `"images": ["a.jpg", "b.jpg"]` (one multi-image
 prompt) or `"video": "clip.mp4"` (`video_frames` frames at `video_stride`: from a seeded random
-offset in training, from frame 0 in evaluation; `paligemma.ref.video`). The model then reads
+offset in training, from frame 0 in evaluation; `paligemma.ref.inputs.video`). The model then reads
 [B, F, R, R, 3]; every example of a file must have the same frame count (a clear error names the
 lines otherwise). Other keys are kept in `Examples.records` (evaluation targets such as
 "answers"). Each example is tokenised by `paligemma.ref.Tokenizer.train_example`, big_vision's
@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from paligemma.ref.media import check_item, describe_count, frame_count, item_from_record, load_item
+from paligemma.ref.inputs.media import check_item, describe_count, frame_count, item_from_record, load_item
 
 KEYS = ("image", "prefix", "suffix")  # or "images" / "video" in place of "image" (MEDIA_KEYS)
 TEXT_KEYS = ("prefix", "suffix")
@@ -70,7 +70,7 @@ class Examples:
     """The usable examples of one file, tokenised.
 
     images: N items: an absolute image path, a tuple of them (multi-image) or a
-      `paligemma.ref.media.Video`; prefixes, suffixes: N strings; sources: N "file:line".
+      `paligemma.ref.inputs.media.Video`; prefixes, suffixes: N strings; sources: N "file:line".
     text, mask_ar, mask_loss: [N, T] int32 (`TrainExample` columns, T = text_len + 1).
     bad: the skipped lines (empty unless `skip_bad`).
     records: N dicts, each line's JSON object (evaluation reads its targets from them).
@@ -240,7 +240,7 @@ def make_batch(examples, indices, image_size, micro_batches=1, weight=None, pool
       weight: [A * B] (default ones); pool: an executor to decode images in parallel.
       video_frames, video_stride: how "video" lines are sampled.
       seeds: None (videos from frame 0: evaluation) or [A * B] seeds of each video's random
-        start (training; see `paligemma.ref.video.random_offset`).
+        start (training; see `paligemma.ref.inputs.video.random_offset`).
     """
     items = [examples.images[i] for i in indices]
     seeds = [None] * len(items) if seeds is None else list(seeds)

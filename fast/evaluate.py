@@ -7,8 +7,8 @@
     result.report.as_dict()      # {"vqav2_accuracy": 0.71, "count": 500, "invalid": 0}
 
 Eval JSONL: one object per line with the visual input (exactly one of "image", "images",
-"video"; `paligemma.ref.media`), the prompt "prefix", an optional "id" (default: the line
-number) and the task's ground truth (`paligemma.ref.scoring`). Every line is checked before
+"video"; `paligemma.ref.inputs.media`), the prompt "prefix", an optional "id" (default: the line
+number) and the task's ground truth (`paligemma.ref.tasks.scoring`). Every line is checked before
 decoding starts; problems are `paligemma.fast.data.BadLine`s naming file:line.
 
 Writes OUT/predictions.jsonl (one line per example, file order: "id", "prefix", "prediction",
@@ -24,9 +24,9 @@ import sys
 
 from tqdm import tqdm
 
-from paligemma.ref import scoring
-from paligemma.ref.image import load_image
-from paligemma.ref.media import Video, check_item, frame_count, item_from_record, load_item
+from paligemma.ref.inputs.image import load_image
+from paligemma.ref.inputs.media import Video, check_item, frame_count, item_from_record, load_item
+from paligemma.ref.tasks import scoring
 
 from .data import BadLine, DataError, check_frames, read_lines
 from .distributed import is_writer

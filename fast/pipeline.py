@@ -34,8 +34,8 @@ import numpy as np
 
 from paligemma import ref
 from paligemma.options import FAST_DTYPES, IMPLS, PREPROCESS
-from paligemma.ref.media import load_item, stack_examples
 from paligemma.ref import quant as ref_quant
+from paligemma.ref.inputs.media import load_item, stack_examples
 from paligemma.ref.params import flatten, tree_map
 
 from . import sharding

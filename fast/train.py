@@ -59,7 +59,7 @@ class TrainConfig:
     video_frames, video_stride: how "video" lines of the data are sampled (training from a seeded
       random offset, evaluation from frame 0; `paligemma.fast.data`).
     eval_task: the metric of the periodic evaluation besides the loss: "exact_match" (decoded text
-      == suffix) or a `paligemma.ref.scoring` task (caption, vqa, vqav2, chartqa, detect, segment),
+      == suffix) or a `paligemma.ref.tasks.scoring` task (caption, vqa, vqav2, chartqa, detect, segment),
       whose ground truth comes from the validation lines. eval_vae: the mask VQ-VAE (.npz) that
       eval_task "segment" needs.
     """

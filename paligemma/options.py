@@ -6,9 +6,9 @@ NumPy or JAX (`paligemma --help` stays instant), and the library modules that ow
 take their list from here:
 
     IMPLS, DTYPES, FAST_DTYPES, PREPROCESS   paligemma.fast.pipeline (PaliGemma.load / generate)
-    PREPROCESS                               paligemma.ref.image.METHODS
-    TASKS                                    paligemma.ref.scoring.TASKS (evaluate, fine-tuning's eval)
-    CONVENTIONS                              paligemma.ref.tasks.CONVENTIONS (loc de-quantisation)
+    PREPROCESS                               paligemma.ref.inputs.image.METHODS
+    TASKS                                    paligemma.ref.tasks.scoring.TASKS (evaluate, fine-tuning's eval)
+    CONVENTIONS                              paligemma.ref.tasks.answers.CONVENTIONS (loc de-quantisation)
     QUANT_FORMATS, SCALE_DTYPES              paligemma.ref.quant.FORMATS, SCALE_DTYPES' names
     OPTIMIZERS, TRAINABLE, EVAL_TASKS        paligemma.fast.train.OPTIMIZERS, GROUPS' names, EVAL_TASKS
     CHECK_DTYPES                             paligemma.parity.tolerances.STAGE_TOLERANCES' names

@@ -32,10 +32,10 @@ from importlib import metadata
 import numpy as np
 
 from paligemma.ref import capture
+from paligemma.ref.checkpoints.tensorfiles import CheckpointError, NpzReader, atomic_write
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import forward, validate_inputs
 from paligemma.ref.params import cast_params, tree_map
-from paligemma.ref.tensorfiles import CheckpointError, NpzReader, atomic_write
 
 from . import tolerances
 
@@ -176,9 +176,9 @@ def from_checkpoint(checkpoint, tokenizer, image, prompt, suffix="", preprocess=
       `Activations`. Needs 8 bytes of memory per parameter (float64): ~23 GB at 3B.
     """
     from paligemma.fast.pipeline import fit_vocab
-    from paligemma.ref.checkpoint import load
-    from paligemma.ref.image import preprocess as preprocess_image
-    from paligemma.ref.tokenizer import Tokenizer
+    from paligemma.ref.checkpoints.checkpoint import load
+    from paligemma.ref.inputs.image import preprocess as preprocess_image
+    from paligemma.ref.inputs.tokenizer import Tokenizer
 
     tok = Tokenizer(os.fspath(tokenizer))
     config, params = fit_vocab(*load(checkpoint, **overrides), tok)
@@ -200,7 +200,7 @@ def from_random(config=None, checkpoint=None, seed=0, batch=2, text_len=8, probs
     Returns:
       `Activations`.
     """
-    from paligemma.ref.checkpoint import load
+    from paligemma.ref.checkpoints.checkpoint import load
     from paligemma.ref.config import get_config
     from paligemma.ref.params import init_params
 

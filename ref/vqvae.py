@@ -3,7 +3,7 @@
     vae = load_vae("vae-oid.npz")                  # big_vision's released file, float32
     masks = decode(vae, codes)                     # [B, 16] codes 0..127 -> [B, 64, 64], ~[-1, 1]
     codes = encode(vae, crops)                     # [B, 64, 64] masks in [0, 1] -> [B, 16]
-    full = tasks.paste_mask(masks[0], box, height, width)   # [H, W] in the image (ref/tasks.py)
+    full = tasks.paste_mask(masks[0], box, height, width)   # [H, W] in the image (ref/tasks/answers.py)
 
 Decoder (as big_vision's segmentation evaluator; all convs "SAME", NHWC):
   codes -> codebook rows [B, 4, 4, E] (code i at row i // 4, column i % 4) -> 1x1 conv to 8h + ReLU
@@ -32,8 +32,8 @@ import os
 
 import numpy as np
 
+from .checkpoints.tensorfiles import CheckpointError, NpzReader, atomic_write
 from .params import flatten, unflatten
-from .tensorfiles import CheckpointError, NpzReader, atomic_write
 
 GRID, MASK_SIZE = 4, 64  # 16 codes on a 4 x 4 grid; masks of 64 x 64
 NUM_DOWN = NUM_UP = 4

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/docs_explain.py            # -> docs/explain-*.png (a few seconds, CPU)
 
-It draws scene 4 of the demo's generator (`paligemma.ref.shapes`, the seed `paligemma demo --seed 4`
+It draws scene 4 of the demo's generator (`paligemma.ref.tasks.shapes`, the seed `paligemma demo --seed 4`
 uses), runs `paligemma explain` on it with "caption en" and "detect triangle" (every layer, mean over
 heads) and copies the pictures the doc shows into docs/. The full output, page and arrays
 included, stays in the folder given by --out.
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from paligemma.cli.main import main as paligemma
-from paligemma.ref import shapes
+from paligemma.ref.tasks import shapes
 
 SEED = 4
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")

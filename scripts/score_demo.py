@@ -19,7 +19,9 @@ from collections import defaultdict
 import numpy as np
 
 from paligemma.fast.pipeline import PaliGemma
-from paligemma.ref import metrics, shapes, tasks, vqvae
+from paligemma.ref import vqvae
+from paligemma.ref.tasks import metrics, shapes
+from paligemma.ref.tasks.answers import parse, paste_mask
 
 
 def _match(true_boxes, pred_boxes):
@@ -59,7 +61,7 @@ def score(checkpoint, tokenizer, vae_path, data, batch_size=64, max_new_tokens=8
             continue
         kind = kind.rstrip("s")
         true = [s for s in truth["scenes"][record["image"]] if s["kind"] == kind]
-        parsed = tasks.parse(answer, size, size, require_seg=task == "segment")
+        parsed = parse(answer, size, size, require_seg=task == "segment")
         good = [o for o in parsed.objects if not o.errors]
         sums[f"{task}_objects_with_errors"].append(len(parsed.objects) - len(good))
         if not true:
@@ -78,7 +80,7 @@ def score(checkpoint, tokenizer, vae_path, data, batch_size=64, max_new_tokens=8
             if good:
                 masks = vqvae.decode(vae, np.array([o.seg for o in good]))  # [n, 64, 64]
                 for o, m in zip(good, masks):
-                    got |= tasks.paste_mask(m, o.box, size, size) > 0.5
+                    got |= paste_mask(m, o.box, size, size) > 0.5
             sums["segment_mask_iou"].append(metrics.mask_iou(got, want))
     out = {name: float(np.mean(v)) for name, v in sorted(sums.items())}
     out.update({f"n_{name}": len(v) for name, v in sorted(sums.items())})

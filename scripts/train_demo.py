@@ -1,8 +1,8 @@
-"""Reproduces the embedded demo model (`paligemma/ref/assets/`): a small PaliGemma trained from
+"""Reproduces the embedded demo model (`paligemma/ref/demo/assets/`): a small PaliGemma trained from
 scratch by this project's own fine-tuning code on synthetic scenes of coloured shapes.
 
     python scripts/train_demo.py --work /tmp/demo-run                 # train, then score held-out
-    python scripts/train_demo.py --work /tmp/demo-run --install       # ... and copy into ref/assets
+    python scripts/train_demo.py --work /tmp/demo-run --install       # ... and copy into ref/demo/assets
 
 Steps (each writes into --work; nothing is downloaded):
   1. the mask VQ-VAE (released layout, narrower) trained on mask crops of the three shapes;
@@ -31,11 +31,12 @@ from paligemma import ref
 from paligemma.fast import vqvae as fast_vqvae
 from paligemma.fast.finetune import finetune
 from paligemma.fast.train import TrainConfig
-from paligemma.ref import metrics, shapes, tasks, vqvae
+from paligemma.ref import vqvae
 from paligemma.ref.config import GemmaConfig, PaliGemmaConfig, VisionConfig
+from paligemma.ref.tasks import answers, metrics, shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ASSETS = os.path.join(HERE, "..", "ref", "assets")
+ASSETS = os.path.join(HERE, "..", "ref", "demo", "assets")  # the repository's copy (--install)
 SCENE_SIZE = shapes.DEMO_SCENE["size"]  # pixels of the generated images; the model reads them at 64
 MAX_SHAPES = shapes.DEMO_SCENE["max_shapes"]
 GRID = shapes.DEMO_SCENE["grid"]  # 4 px of the 128 px scene: pixel edges of the 64 px model input
@@ -61,7 +62,7 @@ def random_crops(rng, n):
         side = int(rng.integers(SCENE_SIZE // 7, SCENE_SIZE // 3 + 1))
         y0, x0 = (int(v) for v in rng.integers(0, SCENE_SIZE - side, size=2))
         box = (y0, x0, y0 + side, x0 + side)
-        crops.append(tasks.crop_mask(shapes.shape_mask(kind, SCENE_SIZE, box), box))
+        crops.append(answers.crop_mask(shapes.shape_mask(kind, SCENE_SIZE, box), box))
     return np.stack(crops)  # [n, 64, 64]
 
 
@@ -156,7 +157,7 @@ def write_split(work, name, n_scenes, seed, vae, loc_rounds=1):
     rng = np.random.default_rng(seed)
     folder = os.path.join(work, name)
     os.makedirs(folder, exist_ok=True)
-    codes_of = lambda s: [int(c) for c in vqvae.encode(vae, tasks.crop_mask(s.mask, s.box)[None])[0]]  # noqa: E731
+    codes_of = lambda s: [int(c) for c in vqvae.encode(vae, answers.crop_mask(s.mask, s.box)[None])[0]]  # noqa: E731
     records, truth = [], {}
     for i in range(n_scenes):
         scene = shapes.random_scene(rng, SCENE_SIZE, MAX_SHAPES, grid=GRID)
@@ -191,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--continue-from", metavar="WORK", help="start from the model, tokenizer and VAE "
                         "of an earlier --work folder instead of random weights")
     parser.add_argument("--vae-from", metavar="WORK", help="reuse the mask VQ-VAE of an earlier --work folder")
-    parser.add_argument("--install", action="store_true", help="copy the results into ref/assets")
+    parser.add_argument("--install", action="store_true", help="copy the results into ref/demo/assets")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     t0 = time.time()

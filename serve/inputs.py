@@ -234,7 +234,7 @@ def parse_native(body, limits):
 
 def decode_images(job, limits):
     """uint8 [H, W, 3] per image of `job` (decoded with the model's loader), or ApiError."""
-    from paligemma.ref.image import ImageError, load_image
+    from paligemma.ref.inputs.image import ImageError, load_image
 
     out = []
     for i, data in enumerate(job.images):

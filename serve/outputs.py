@@ -91,7 +91,7 @@ def find_objects(prompt, text, height, width, vae=None):
     loc values), "errors", "text" (the part of the answer read: raw tokens and label), and for
     segment "seg" (the 16 codes) plus "mask": null without a VAE, else {"area", "rle", "png"}}.
     """
-    from paligemma.ref.tasks import paste_mask, parse
+    from paligemma.ref.tasks.answers import paste_mask, parse
 
     task = task_of(prompt)
     if task is None:

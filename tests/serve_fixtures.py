@@ -17,9 +17,9 @@ import types
 import numpy as np
 from PIL import Image
 
-from paligemma.ref import shapes
+from paligemma.ref.demo import ASSETS
+from paligemma.ref.tasks import shapes
 
-ASSETS = os.path.join(os.path.dirname(shapes.__file__), "assets")
 DEMO = types.SimpleNamespace(checkpoint=os.path.join(ASSETS, "demo-model.npz"),
                              tokenizer=os.path.join(ASSETS, "demo-tokenizer.model"),
                              vae=os.path.join(ASSETS, "demo-vae.npz"))

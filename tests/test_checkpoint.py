@@ -11,8 +11,8 @@ from safetensors.numpy import load_file, save_file
 
 from paligemma import ref
 from paligemma.parity.strategies import configs
-from paligemma.ref import hf_layout
-from paligemma.ref.checkpoint import CheckpointError
+from paligemma.ref.checkpoints import hf_layout
+from paligemma.ref.checkpoints.checkpoint import CheckpointError
 
 TINY = ["tiny-paligemma", "tiny-paligemma2", "tiny-paligemma2-28b"]
 # Shapes cannot tell the tiny 28B-style model's query scaling: pass it, as a user would.

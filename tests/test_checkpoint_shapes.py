@@ -1,5 +1,5 @@
-"""Checkpoints that say more, or something else, than PaliGemma needs (ref/checkpoint.py,
-ref/inferconfig.py): SigLIP's pooling head in an HF folder is ignored with one warning; a config
+"""Checkpoints that say more, or something else, than PaliGemma needs (ref/checkpoints/checkpoint.py,
+ref/checkpoints/inferconfig.py): SigLIP's pooling head in an HF folder is ignored with one warning; a config
 inferred from impossible shapes is refused naming the file, the tensors and the sizes."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from paligemma import ref
-from paligemma.ref.checkpoint import CheckpointError
+from paligemma.ref.checkpoints.checkpoint import CheckpointError
 
 # transformers' SiglipMultiheadAttentionPoolingHead, as a `vision_use_head=True` checkpoint stores it.
 HEAD = ["probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
@@ -73,7 +73,7 @@ def _npz_with(tmp_path, name, key, shape):
     return config, {k: list(np.shape(v)) for k, v in flat.items()}
 
 
-@pytest.mark.parametrize("read", [ref.load, ref.checkpoint.read_config])
+@pytest.mark.parametrize("read", [ref.load, ref.checkpoints.checkpoint.read_config])
 def test_odd_head_dim_names_the_file_the_tensor_and_the_disagreeing_shape(tmp_path, read):
     config, shapes = _npz_with(tmp_path, "tiny-paligemma2", "llm/layers/attn/q_einsum/w", (3, 4, 48, 15))
     q, kv = shapes["llm/layers/attn/q_einsum/w"], shapes["llm/layers/attn/kv_einsum/w"]

@@ -14,7 +14,8 @@ from PIL import Image
 
 from paligemma import ref
 from paligemma.fast.pipeline import PaliGemma, Result
-from paligemma.ref import tasks, vqvae
+from paligemma.ref import vqvae
+from paligemma.ref.tasks import answers
 
 cli = pytest.importorskip("paligemma.cli.main")
 cli_tasks = pytest.importorskip("paligemma.cli.tasks")
@@ -99,7 +100,7 @@ def test_segment_with_vae_and_draw(files, capsys, answer, tmp_path, impl):
     # big_vision: 256/1023*100 = 25.02 -> 25, 512/1023*200 = 100.1 -> 100, 767/1023*100 = 74.98 -> 74, 1023 -> 200.
     assert obj["box"] == [25, 100, 74, 200]
     params = vqvae.load_vae(files.vae, np.float64)
-    expected = tasks.paste_mask(vqvae.decode(params, np.array([SEG]))[0], (25, 100, 74, 200), 100, 200) > 0.5
+    expected = answers.paste_mask(vqvae.decode(params, np.array([SEG]))[0], (25, 100, 74, 200), 100, 200) > 0.5
     if impl == "ref":
         assert obj["mask"]["area"] == int(expected.sum()) and 0.2 < expected.mean() / (49 * 100 / 20000) < 0.8
     else:  # float32: a pixel whose bilinear value sits within rounding of 0 may flip
@@ -125,7 +126,7 @@ def test_several_pairs_draw_one_file_each(files, capsys, answer, tmp_path):
 def test_real_noise_is_reported_not_raised(files, capsys):
     code, out, _ = run(capsys, files, "--prompt", "detect cat", "--json")
     record = json.loads(out)
-    expected = tasks.parse(record["text"], 100, 200).objects
+    expected = answers.parse(record["text"], 100, 200).objects
     assert code == 0 and record["objects"] == [o.to_dict() for o in expected]
 
 
@@ -143,6 +144,6 @@ def test_user_errors(files, capsys, extra, match):
 
 
 def test_cli_conventions_match_the_parser():
-    assert cli_tasks.CONVENTIONS == tasks.CONVENTIONS
+    assert cli_tasks.CONVENTIONS == answers.CONVENTIONS
     assert [cli_tasks.task_of(p) for p in ("detect cat", "segment a b", "caption en", "detection")] == \
         ["detect", "segment", None, None]

@@ -1,4 +1,4 @@
-"""The shipped demo model (`paligemma/ref/assets/`): it loads, it is what docs/demo.md describes,
+"""The shipped demo model (`paligemma/ref/demo/assets/`): it loads, it is what docs/demo.md describes,
 and on scenes it never saw it beats the answers that need no image."""
 
 import collections
@@ -12,8 +12,9 @@ import pytest
 
 from paligemma import ref
 from paligemma.cli.common import demo_asset
-from paligemma.ref import shapes, vqvae
+from paligemma.ref import vqvae
 from paligemma.ref.params import flatten
+from paligemma.ref.tasks import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("demo-model.npz", "demo-tokenizer.model", "demo-vae.npz", "demo-metrics.json")

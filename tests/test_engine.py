@@ -286,10 +286,9 @@ def test_paligemma_generate_refuses_a_prompt_past_the_context(tmp_path, capsys):
 
     from PIL import Image
 
-    import paligemma.ref
     from paligemma.cli.main import main
+    from paligemma.ref.demo import ASSETS as assets
 
-    assets = os.path.join(os.path.dirname(paligemma.ref.__file__), "assets")
     image = tmp_path / "scene.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
     code = main(["generate", "--checkpoint", os.path.join(assets, "demo-model.npz"), "--tokenizer",

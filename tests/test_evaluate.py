@@ -114,7 +114,7 @@ def test_chartqa_relaxed_accuracy_by_hand(files, capsys, answers, tmp_path):
 
 
 def test_caption_uses_every_reference(files, capsys, answers, tmp_path):
-    from paligemma.ref.metrics import cider_d
+    from paligemma.ref.tasks.metrics import cider_d
 
     rows = [{"image": "im0.png", "prefix": "caption en", "captions": ["a red square", "a red box"], "id": 0},
             {"image": "im1.png", "prefix": "caption es", "suffix": "a green square", "id": 1}]

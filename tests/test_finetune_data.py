@@ -107,7 +107,7 @@ def test_prefetcher_gives_the_batches_in_order_and_reports_errors(files, tmp_pat
         os.link(os.path.join(files.dir, row["image"]), tmp_path / row["image"])
     late = data.load_examples(write_jsonl(tmp_path / "t.jsonl", rows), files.tok, TEXT_LEN)
     os.remove(tmp_path / rows[2]["image"])
-    with pytest.raises(ref.image.ImageError, match="blue.png"):
+    with pytest.raises(ref.inputs.image.ImageError, match="blue.png"):
         with data.Prefetcher(late, 28, 4, 1, 0, 0, 3) as pre:
             list(pre)
 

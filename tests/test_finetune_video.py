@@ -62,7 +62,7 @@ def test_video_lines_sample_a_seeded_stride_run_in_training_and_frame_0_in_evalu
                                          "2 frames/images at .*video.jsonl:3"):
         data.load_examples(files.mixed, files.tok, TEXT_LEN, video_frames=3)  # videos give 3, image pairs 2
     examples = data.load_examples(files.mixed, files.tok, TEXT_LEN, video_frames=2)
-    assert examples.frames == 2 and isinstance(examples.images[0], ref.media.Video)
+    assert examples.frames == 2 and isinstance(examples.images[0], ref.inputs.media.Video)
     R = files.config.vision.image_size
     starts = set()
     for step in range(6):

@@ -1,4 +1,4 @@
-"""Image loading and preprocessing (paligemma.ref.image).
+"""Image loading and preprocessing (paligemma.ref.inputs.image).
 
 Expected values come from the formulas written out here (explicit per-pixel loops for TF's
 antialiased bilinear), from Pillow's own conversions, or from transformers; none from the code
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from paligemma.ref import get_config
-from paligemma.ref import image as I
-from paligemma.ref.image import ImageError, load_image, preprocess, resize, to_model_input
+from paligemma.ref.inputs import image as I
+from paligemma.ref.inputs.image import ImageError, load_image, preprocess, resize, to_model_input
 from paligemma.ref.model import validate_inputs
 
 RNG = np.random.default_rng(0)

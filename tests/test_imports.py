@@ -30,13 +30,24 @@ FORBIDDEN = {
 NOT_IMPORTED_BY_OTHERS = {"cli"}
 
 
+def package_folder(package, folders, root=ROOT):
+    """The folder of `package` as setuptools finds it: its own `package-dir` entry, else the
+    nearest listed parent's folder plus the rest of the name (`paligemma.ref.tasks` -> ref/tasks)."""
+    parts = package.split(".")
+    for n in range(len(parts), 0, -1):
+        parent = ".".join(parts[:n])
+        if parent in folders:
+            return root.joinpath(folders[parent], *parts[n:])
+    return root.joinpath(*parts)
+
+
 def installed_modules(root=ROOT):
     """`{dotted module name: path}` for every .py file of the packages pyproject.toml installs."""
     setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = setup.get("package-dir", {})
     modules = {}
     for package in setup["packages"]:
-        folder = root / folders.get(package, package.replace(".", "/"))
+        folder = package_folder(package, folders, root)
         for path in sorted(folder.glob("*.py")):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             modules[name] = path

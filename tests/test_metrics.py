@@ -1,4 +1,4 @@
-"""Transfer-task metrics (paligemma.ref.metrics).
+"""Transfer-task metrics (paligemma.ref.tasks.metrics).
 
 Expected values are worked by hand in the comments, come from the reference implementations
 themselves (pycocoevalcap's Cider scorer), or from a second, literal formula (the ten 9-of-10
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paligemma.parity.tolerances import FLOAT64_EXACT, assert_close
-from paligemma.ref import metrics as M
+from paligemma.ref.tasks import metrics as M
 
 
 # ---------------------------------------------------------------------------- CIDEr-D

@@ -35,7 +35,7 @@ from paligemma.cli.common import demo_asset
 from paligemma.fast import data, train_state
 from paligemma.fast.train import TrainConfig, make_optimizer, split_params
 from paligemma.parity.tolerances import FLOAT32_REORDERED
-from paligemma.ref import shapes
+from paligemma.ref.tasks import shapes
 
 PY = [sys.executable, "-m", "paligemma.cli"]
 BATCH, EXAMPLES, SEED = 8, 16, 0

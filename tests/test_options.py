@@ -9,13 +9,15 @@ from paligemma import options
 from paligemma.cli.main import build_parser
 from paligemma.fast import pipeline, train
 from paligemma.parity import tolerances
-from paligemma.ref import image, quant, scoring, tasks
+from paligemma.ref import quant
+from paligemma.ref.inputs import image
+from paligemma.ref.tasks import answers, scoring
 
 
 def test_the_library_takes_its_lists_from_options():
     assert pipeline.IMPLS is options.IMPLS and pipeline.PREPROCESS_METHODS is options.PREPROCESS
     assert image.METHODS is options.PREPROCESS and scoring.TASKS is options.TASKS
-    assert tasks.CONVENTIONS is options.CONVENTIONS and quant.FORMATS is options.QUANT_FORMATS
+    assert answers.CONVENTIONS is options.CONVENTIONS and quant.FORMATS is options.QUANT_FORMATS
     assert train.OPTIMIZERS is options.OPTIMIZERS and train.EVAL_TASKS is options.EVAL_TASKS
 
 

@@ -17,9 +17,9 @@ from PIL import Image
 from paligemma import fast, ref
 from paligemma.fast import PaliGemma
 from paligemma.fast.pipeline import Result
-from paligemma.ref.image import ImageError
+from paligemma.ref.checkpoints.tensorfiles import CheckpointError
+from paligemma.ref.inputs.image import ImageError
 from paligemma.ref.params import flatten
-from paligemma.ref.tensorfiles import CheckpointError
 
 PROMPTS = ["caption en", "ocr", "detect cat ; dog"]
 MAX_NEW = 8

@@ -1,4 +1,4 @@
-"""The int8 / int4 weight formats (ref/quant.py) and the quantized file (ref/quantfile.py)."""
+"""The int8 / int4 weight formats (ref/quant.py) and the quantized file (ref/checkpoints/quantfile.py)."""
 
 import json
 import os
@@ -16,8 +16,9 @@ from paligemma import ref
 from paligemma.cli.main import main as cli_main
 from paligemma.parity.strategies import configs, prompts
 from paligemma.parity.tolerances import QUANT_INT4_LOGITS, QUANT_INT8_LOGITS, assert_close, relative_error
-from paligemma.ref import quant, quantfile
-from paligemma.ref.tensorfiles import CheckpointError
+from paligemma.ref import quant
+from paligemma.ref.checkpoints import quantfile
+from paligemma.ref.checkpoints.tensorfiles import CheckpointError
 
 SCALE_DTYPES = [np.float32, ml_dtypes.bfloat16]
 

@@ -31,8 +31,8 @@ from paligemma.fast.pipeline import PaliGemma
 from paligemma.parity.strategies import configs, prompts
 from paligemma.parity.tolerances import FAST_FLOAT32, FLOAT32_REORDERED, assert_close, relative_error
 from paligemma.ref import quant as rq
-from paligemma.ref import quantfile
-from paligemma.ref.tensorfiles import CheckpointError
+from paligemma.ref.checkpoints import quantfile
+from paligemma.ref.checkpoints.tensorfiles import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEPS = (rq.Keep(), rq.Keep(vision=True), rq.Keep(embedding=True, end_layers=1))
@@ -300,7 +300,7 @@ def test_ref_load_returns_the_quantized_tree(tiny_files):
     folder, _ = tiny_files
     config, qtree, _ = quantfile.load_quantized(folder / "int4.safetensors")
     config2, qtree2 = ref.load(folder / "int4.safetensors")
-    assert config2 == config == ref.checkpoint.read_config(folder / "int4.safetensors")
+    assert config2 == config == ref.checkpoints.checkpoint.read_config(folder / "int4.safetensors")
     flat, flat2 = ref.flatten(qtree), ref.flatten(qtree2)
     assert sorted(flat) == sorted(flat2) and "llm/layers_first/mlp/linear" in flat
     for key in flat:

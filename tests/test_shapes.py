@@ -1,11 +1,11 @@
-"""The synthetic scenes the demo model learns from (ref/shapes.py)."""
+"""The synthetic scenes the demo model learns from (ref/tasks/shapes.py)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paligemma.ref import shapes, tasks
+from paligemma.ref.tasks import answers, shapes
 
 
 def test_masks_by_hand():
@@ -76,7 +76,7 @@ def test_task_targets_parse_back_to_the_scene(seed):
         task, _, kind = prefix.partition(" ")
         if task in ("caption", "count"):
             continue
-        parsed = tasks.parse(suffix, 128, 128, require_seg=task == "segment")
+        parsed = answers.parse(suffix, 128, 128, require_seg=task == "segment")
         want = scene.of_kind(kind)
         assert [o.label for o in parsed.objects] == [kind] * len(want)
         for obj, s in zip(parsed.objects, want):

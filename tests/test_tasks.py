@@ -1,4 +1,4 @@
-"""ref/tasks.py and ref/draw.py: <loc>/<seg> answers to objects and back, IoU, drawing.
+"""ref/tasks/answers.py and ref/tasks/draw.py: <loc>/<seg> answers to objects and back, IoU, drawing.
 
 Expected pixel boxes are worked out by hand in the comments (both conventions); round trips and
 fuzzing are property-based.
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from paligemma.ref import draw, tasks
-from paligemma.ref.tokenizer import train_tiny_tokenizer
+from paligemma.ref.inputs.tokenizer import train_tiny_tokenizer
+from paligemma.ref.tasks import answers, draw
 
 SEG16 = "".join(f"<seg{i:03d}>" for i in (5, 0, 127, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21))
 ANSWER = "<loc0102><loc0205><loc0716><loc0818> cat ; <loc0000><loc0000><loc1023><loc1023> dog"
@@ -21,7 +21,7 @@ def test_hand_worked_big_vision():
     # 480 x 640 image, v = loc / 1023, pixel = int(v * size):
     # 102/1023*480 = 47.86 -> 47; 205/1023*640 = 128.25 -> 128; 716/1023*480 = 335.95 -> 335;
     # 818/1023*640 = 511.75 -> 511. loc 1023 is the far edge exactly (480, 640).
-    p = tasks.parse(ANSWER, height=480, width=640)
+    p = answers.parse(ANSWER, height=480, width=640)
     assert p.ok and [o.label for o in p.objects] == ["cat", "dog"]
     assert p.objects[0].box == (47, 128, 335, 511) and p.objects[0].loc == (102, 205, 716, 818)
     assert p.objects[1].box == (0, 0, 480, 640) and p.objects[0].seg is None
@@ -31,21 +31,21 @@ def test_hand_worked_big_vision():
 def test_hand_worked_demo():
     # v = loc / 1024, pixel = round(v * size): 47.81 -> 48; 128.125 -> 128; 335.625 -> 336;
     # 511.25 -> 511; 1023/1024*480 = 479.53 -> 480, 1023/1024*640 = 639.375 -> 639.
-    p = tasks.parse(ANSWER, height=480, width=640, convention="demo")
+    p = answers.parse(ANSWER, height=480, width=640, convention="demo")
     assert p.ok and p.objects[0].box == (48, 128, 336, 511) and p.objects[1].box == (0, 0, 480, 639)
     # Python's round halves to even: 256/1024*2 = 0.5 -> 0 and 512/1024*3 = 1.5 -> 2.
-    q = tasks.parse("<loc0256><loc0512><loc1023><loc1023>", height=2, width=3, convention="demo")
+    q = answers.parse("<loc0256><loc0512><loc1023><loc1023>", height=2, width=3, convention="demo")
     assert q.objects[0].box == (0, 2, 2, 3) and q.objects[0].label == ""
 
 
 def test_segmentation_and_refcoco_forms():
-    p = tasks.parse("<loc0100><loc0200><loc0300><loc0400>" + SEG16 + " cat", 1023, 1023, require_seg=True)
+    p = answers.parse("<loc0100><loc0200><loc0300><loc0400>" + SEG16 + " cat", 1023, 1023, require_seg=True)
     obj = p.objects[0]
     assert obj.ok and obj.has_mask_codes and obj.seg[:3] == (5, 0, 127) and obj.label == "cat"
     assert obj.box == (100, 200, 300, 400)  # size 1023: pixel = loc
-    refcoco = tasks.parse("<loc0100><loc0200><loc0300><loc0400>" + SEG16, 1023, 1023, require_seg=True)
+    refcoco = answers.parse("<loc0100><loc0200><loc0300><loc0400>" + SEG16, 1023, 1023, require_seg=True)
     assert refcoco.ok and refcoco.objects[0].label == "" and refcoco.objects[0].has_mask_codes
-    missing = tasks.parse("<loc0100><loc0200><loc0300><loc0400> cat", 100, 100, require_seg=True)
+    missing = answers.parse("<loc0100><loc0200><loc0300><loc0400> cat", 100, 100, require_seg=True)
     assert "no mask" in missing.objects[0].errors[0]
 
 
@@ -64,36 +64,36 @@ def test_segmentation_and_refcoco_forms():
     ("just a caption", 1, "no box"),
 ])
 def test_malformed_objects_are_reported_not_raised(text, n, fragment):
-    p = tasks.parse(text, 100, 100)
+    p = answers.parse(text, 100, 100)
     assert len(p.objects) == n and not p.ok
     assert any(fragment in e for e in p.objects[-1].errors), p.objects[-1].errors
 
 
 def test_good_objects_survive_bad_neighbours():
     text = "<loc0001><loc0002> junk ; <loc0010><loc0020><loc0500><loc0600> dog ; ; "
-    first, second = tasks.parse(text, 1023, 1023).objects
+    first, second = answers.parse(text, 1023, 1023).objects
     assert not first.ok and first.box is None and second.ok and second.box == (10, 20, 500, 600)
-    assert tasks.parse("", 10, 10).objects == () and tasks.parse(" ; ", 10, 10).objects == ()
+    assert answers.parse("", 10, 10).objects == () and answers.parse(" ; ", 10, 10).objects == ()
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="convention"):
-        tasks.parse("", 10, 10, convention="hf")
+        answers.parse("", 10, 10, convention="hf")
     with pytest.raises(ValueError, match="height"):
-        tasks.parse("", 0, 10)
+        answers.parse("", 0, 10)
 
 
 def test_format_hand_worked():
     # 0.1*1023 = 102.3 -> 102, 0.2*1023 = 204.6 -> 205, 0.7*1023 = 716.1 -> 716, 0.8*1023 = 818.4 -> 818;
     # out of [0, 1] clips; 0.5*1023 = 511.5 rounds half to even -> 512.
-    text = tasks.format_objects([{"box": (0.1, 0.2, 0.7, 0.8), "label": "cat"},
+    text = answers.format_objects([{"box": (0.1, 0.2, 0.7, 0.8), "label": "cat"},
                                  {"box": (-0.1, 0.5, 1.2, 1.0), "label": "big dog"}])
     assert text == "<loc0102><loc0205><loc0716><loc0818> cat ; <loc0000><loc0512><loc1023><loc1023> big dog"
     # Pixel boxes: 48 / 480 = 0.1, 128 / 640 = 0.2, ...; segmentation puts 16 seg tokens after the locs.
     seg = [5, 0, 127, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
-    text = tasks.format_objects([{"box": (48, 128, 336, 512), "seg": seg, "label": "cat"}], height=480, width=640)
+    text = answers.format_objects([{"box": (48, 128, 336, 512), "seg": seg, "label": "cat"}], height=480, width=640)
     assert text == "<loc0102><loc0205><loc0716><loc0818>" + SEG16 + " cat"
-    assert tasks.format_objects([{"box": (0, 0, 1, 1), "seg": seg}]) == "<loc0000><loc0000><loc1023><loc1023>" + SEG16
+    assert answers.format_objects([{"box": (0, 0, 1, 1), "seg": seg}]) == "<loc0000><loc0000><loc1023><loc1023>" + SEG16
 
 
 @pytest.mark.parametrize("obj, fragment", [
@@ -103,7 +103,7 @@ def test_format_hand_worked():
 ])
 def test_format_rejects_bad_objects(obj, fragment):
     with pytest.raises(ValueError, match=f"object 0: .*{fragment}"):
-        tasks.format_objects([obj])
+        answers.format_objects([obj])
 
 
 labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz -'0123456789", max_size=12).map(str.strip)
@@ -119,9 +119,9 @@ def objects(draw):
 
 @settings(max_examples=60)
 @given(st.lists(objects(), min_size=1, max_size=4), st.integers(50, 4000), st.integers(50, 4000),
-       st.sampled_from(tasks.CONVENTIONS))
+       st.sampled_from(answers.CONVENTIONS))
 def test_format_then_parse_round_trips(objs, height, width, convention):
-    parsed = tasks.parse(tasks.format_objects(objs), height, width, convention)
+    parsed = answers.parse(answers.format_objects(objs), height, width, convention)
     assert len(parsed.objects) == len(objs)
     for obj, got in zip(objs, parsed.objects):
         assert got.ok, got.errors
@@ -142,11 +142,11 @@ pieces = st.one_of(
 
 
 @settings(max_examples=150)
-@given(st.lists(pieces, max_size=30), st.integers(1, 5000), st.integers(1, 5000), st.sampled_from(tasks.CONVENTIONS),
+@given(st.lists(pieces, max_size=30), st.integers(1, 5000), st.integers(1, 5000), st.sampled_from(answers.CONVENTIONS),
        st.booleans())
 def test_fuzzed_answers_never_raise(parts, height, width, convention, require_seg):
     text = "".join(parts)
-    parsed = tasks.parse(text, height, width, convention, require_seg)
+    parsed = answers.parse(text, height, width, convention, require_seg)
     for obj in parsed.objects:
         assert isinstance(obj.label, str) and isinstance(obj.errors, tuple)
         if obj.ok:  # a clean object is a complete, in-range, non-empty box in the image
@@ -160,12 +160,12 @@ def test_parse_ids_matches_the_text(tmp_path):
     tok = train_tiny_tokenizer(tmp_path / "tok.model")
     text = "<loc0102><loc0205><loc0716><loc0818>" + SEG16 + " cat ; <loc0000><loc0000><loc1023><loc1023> dog"
     ids = tok.encode(text) + [tok.eos_id, 7, 7]
-    assert tasks.parse_ids(ids, tok, 480, 640) == tasks.parse(text, 480, 640)
+    assert answers.parse_ids(ids, tok, 480, 640) == answers.parse(text, 480, 640)
 
 
 def test_draw_boxes_labels_and_masks(tmp_path):
     image = np.full((60, 80, 3), 40, np.uint8)
-    objs = tasks.parse("<loc0000><loc0000><loc0511><loc0511> cat ; <loc0100><loc0100><loc0100><loc0200> x",
+    objs = answers.parse("<loc0000><loc0000><loc0511><loc0511> cat ; <loc0100><loc0100><loc0100><loc0200> x",
                        60, 80).objects
     mask = np.zeros((60, 80), np.float32)
     mask[40:, 60:] = 1.0

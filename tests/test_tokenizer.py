@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paligemma import ref
-from paligemma.ref.tokenizer import LOC_PIECES, SEG_PIECES, Tokenizer, train_tiny_tokenizer
+from paligemma.ref.inputs.tokenizer import LOC_PIECES, SEG_PIECES, Tokenizer, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

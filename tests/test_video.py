@@ -1,4 +1,4 @@
-"""Video files to model input (paligemma.ref.video).
+"""Video files to model input (paligemma.ref.inputs.video).
 
 Every video is written by the test itself with PyAV: solid-colour frames, each frame its own
 colour, in PNG-in-AVI (lossless RGB, so decoding must give the colours back exactly) or in
@@ -16,8 +16,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from paligemma.ref import image as I
-from paligemma.ref import video as V
+from paligemma.ref.inputs import image as I
+from paligemma.ref.inputs import video as V
 
 av = pytest.importorskip("av")
 
@@ -201,7 +201,7 @@ def test_truncated_files_error_cleanly_or_decode(tmp_path):
     paths = [_write(tmp_path / "v.mp4", 8, "mpeg4", "yuv420p"), _write(tmp_path / "v.avi", 8)]
     script = textwrap.dedent("""
         import os, sys
-        from paligemma.ref import video as V
+        from paligemma.ref.inputs import video as V
         for src in sys.argv[1:]:
             data = open(src, "rb").read()
             for k in range(1, len(data), 64):

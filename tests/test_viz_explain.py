@@ -5,8 +5,6 @@ them against what the KV-cached decoding records at each step (prefill, then `ex
 a separate code path, and against the rule of which keys a query may see, written out here.
 """
 
-import pathlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,13 +14,13 @@ from PIL import Image
 from paligemma import ref
 from paligemma.cli.main import main
 from paligemma.parity.strategies import configs
-from paligemma.ref import capture, shapes
+from paligemma.ref import capture
 from paligemma.ref.decode import extend, prefill
+from paligemma.ref.demo import ASSETS
+from paligemma.ref.tasks import shapes
 from paligemma.viz.attention import explain_ids, shown_maps
 from paligemma.viz.mask_picture import HIDDEN, VISIBLE, WINDOWED, draw_mask
 
-
-ASSETS = pathlib.Path(ref.__file__).parent / "assets"
 
 
 def _probs_names(config):

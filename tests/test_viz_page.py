@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from paligemma.cli.main import main
-from paligemma.ref import shapes
+from paligemma.ref.tasks import shapes
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 # `make test` installs the browser (`make browser`) and sets PALIGEMMA_REQUIRE_BROWSER: there a missing

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from paligemma.fast import vqvae as fast_vqvae
 from paligemma.parity.tolerances import FLOAT64_EXACT, VQVAE_FLOAT32, assert_close
-from paligemma.ref import tasks, vqvae
+from paligemma.ref import vqvae
 from paligemma.ref.params import flatten
+from paligemma.ref.tasks import answers
 
 SMALL = vqvae.VAEConfig(num_codes=128, embed_dim=8, hidden=2)
 
@@ -165,15 +166,15 @@ def test_encode_then_decode_shapes_and_ranges():
     params = vqvae.init_vae(SMALL, seed=0, dtype=np.float64)
     mask = np.zeros((40, 50), bool)
     mask[5:30, 10:45] = True
-    crop = tasks.crop_mask(mask, (5, 10, 30, 45))
+    crop = answers.crop_mask(mask, (5, 10, 30, 45))
     assert crop.shape == (64, 64) and np.all(crop == 1.0)  # the box is the mask's own rectangle
-    crops = np.stack([crop, np.zeros((64, 64)), tasks.crop_mask(mask, (0, 0, 40, 50))])  # [3, 64, 64]
+    crops = np.stack([crop, np.zeros((64, 64)), answers.crop_mask(mask, (0, 0, 40, 50))])  # [3, 64, 64]
     codes = vqvae.encode(params, crops)
     assert codes.shape == (3, 16) and np.issubdtype(codes.dtype, np.integer) and codes.min() >= 0 and codes.max() < 128
     masks = vqvae.decode(params, codes)
     assert masks.shape == (3, 64, 64) and masks.dtype == np.float64 and np.all(np.isfinite(masks))
     for convention in ("big_vision", "demo"):
-        full = tasks.paste_mask(masks[0], (5, 10, 30, 45), 40, 50, convention)
+        full = answers.paste_mask(masks[0], (5, 10, 30, 45), 40, 50, convention)
         assert full.shape == (40, 50) and full.min() >= 0 and full.max() <= 1 and not full[:5].any()
     with pytest.raises(ValueError, match=r"values in \[0, 127\]"):
         vqvae.decode(params, np.full((1, 16), 128))
@@ -188,17 +189,17 @@ def test_paste_mask_conventions_hand_worked():
     # mask +1, right half -1: the width is unchanged and every column is constant, so the
     # resized mask keeps exactly columns 0..31 positive -> image columns 20..51.
     m = np.where(np.arange(64) < 32, 1.0, -1.0)[None, :].repeat(64, 0)
-    bv = tasks.paste_mask(m, (10, 20, 42, 84), 50, 100, "big_vision")
+    bv = answers.paste_mask(m, (10, 20, 42, 84), 50, 100, "big_vision")
     expected = np.zeros((50, 100), np.float32)
     expected[10:42, 20:52] = 1
     assert np.array_equal(bv, expected)
     # demo: clip(0.5 m + 0.5) -> uint8(x 255): +1 -> 255 -> 1.0; 0 -> 127.5 truncated -> 127 -> 127/255.
-    demo = tasks.paste_mask(np.zeros((64, 64)), (10, 20, 42, 84), 50, 100, "demo")
+    demo = answers.paste_mask(np.zeros((64, 64)), (10, 20, 42, 84), 50, 100, "demo")
     assert np.allclose(demo[10:42, 20:84], 127 / 255) and demo[:10].sum() == 0 and demo[:, 84:].sum() == 0
-    assert np.all(tasks.paste_mask(np.ones((64, 64)), (0, 0, 5, 5), 8, 8, "demo")[:5, :5] == 1.0)
-    assert not tasks.paste_mask(m, (10, 20, 10, 84), 50, 100).any()  # an empty box pastes nothing
+    assert np.all(answers.paste_mask(np.ones((64, 64)), (0, 0, 5, 5), 8, 8, "demo")[:5, :5] == 1.0)
+    assert not answers.paste_mask(m, (10, 20, 10, 84), 50, 100).any()  # an empty box pastes nothing
     with pytest.raises(ValueError, match="convention"):
-        tasks.paste_mask(m, (0, 0, 1, 1), 2, 2, "hf")
+        answers.paste_mask(m, (0, 0, 1, 1), 2, 2, "hf")
 
 
 def _rewrite(src, dst, drop=(), change=None):

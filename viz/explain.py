@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from paligemma import ref
-from paligemma.ref.draw import draw_objects, save_png
+from paligemma.ref.tasks.draw import draw_objects, save_png
 
 from .attention import explain_ids, parse_layer, parse_head, shown_maps
 from .heatmap import display_image, strip, token_picture
@@ -94,7 +94,7 @@ def sequence_blocks(ex):
 
 def _objects(model, task, answer_text, side):
     """Parsed boxes and masks on the display image: (objects, masks) or a note why none."""
-    from paligemma.ref.tasks import parse, paste_mask
+    from paligemma.ref.tasks.answers import parse, paste_mask
 
     objects = [o for o in parse(answer_text, side, side, require_seg=task == "segment").objects if o.box]
     masks = []

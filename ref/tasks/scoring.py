@@ -25,9 +25,9 @@ import numpy as np
 
 from paligemma.options import TASKS
 
+from ..inputs.image import ImageError, load_image
 from . import metrics
-from .image import ImageError, load_image
-from .tasks import parse, paste_mask
+from .answers import parse, paste_mask
 
 NEEDS_SIZE = ("detect", "segment")  # scored in the original image's pixels
 
@@ -122,7 +122,7 @@ def score(task, texts, truths, sizes=None, decode=None, convention="big_vision")
       task: one of TASKS. texts: [N] generated answers. truths: [N] from `truth_of`.
       sizes: [N] (height, width) of each original image (detect and segment).
       decode: segment only: codes [n, 16] -> [n, 64, 64] float masks (the VQ-VAE decoder).
-      convention: loc de-quantisation for parsing (paligemma.ref.tasks).
+      convention: loc de-quantisation for parsing (paligemma.ref.tasks.answers).
     Returns:
       (metrics.Report, details): details[i] is a JSON-ready dict for predictions.jsonl:
       {"score", "valid"} plus "box" (detect) or "mask_area" (segment).

@@ -21,7 +21,7 @@ import math
 import os
 import re
 
-from .config import GEMMA2_27B, GemmaConfig, PaliGemmaConfig, VisionConfig
+from ..config import GEMMA2_27B, GemmaConfig, PaliGemmaConfig, VisionConfig
 from .tensorfiles import CheckpointError
 
 # (width, heads, head dim) of released towers, for HF files that come without config.json.

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .tensorfiles import atomic_write
+from ..checkpoints.tensorfiles import atomic_write
 
 # Colour-blind-friendly (Okabe-Ito), cycled over objects.
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),

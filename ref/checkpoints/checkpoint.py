@@ -27,10 +27,10 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..config import PaliGemmaConfig
+from ..params import flatten, param_shapes, unflatten
 from . import hf_layout
-from .config import PaliGemmaConfig
 from .inferconfig import apply_overrides, config_from_bv_shapes, config_from_hf_shapes
-from .params import flatten, param_shapes, unflatten
 from .quantread import is_quantized, load_quantized, read_quant_header
 from .tensorfiles import CheckpointError, atomic_write, open_reader, refuse_overwrite
 

@@ -12,7 +12,7 @@ under `model.`; optional `lm_head.weight` / `language_model.lm_head.weight` (tie
 Names written: the hub's legacy names, which every version loads.
 """
 
-from .config import GemmaConfig, PaliGemmaConfig, VisionConfig, uses_sliding_window
+from ..config import GemmaConfig, PaliGemmaConfig, VisionConfig, uses_sliding_window
 
 ENC = "img/Transformer/encoderblock"
 

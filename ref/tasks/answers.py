@@ -30,7 +30,7 @@ from PIL import Image
 
 from paligemma.options import CONVENTIONS
 
-from .image import resize_float_tf
+from ..inputs.image import resize_float_tf
 
 NUM_LOC, NUM_SEG = 1024, 128  # token values 0..1023 and 0..127
 SEG_PER_OBJECT = 16

@@ -20,9 +20,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .config import GemmaConfig, PaliGemmaConfig, VisionConfig
-from .params import flatten, param_shapes, unflatten
-from .quant import FORMATS, GROUP_SIZE, SCALE_DTYPES, Keep, layout, stored_shapes
+from ..config import GemmaConfig, PaliGemmaConfig, VisionConfig
+from ..params import flatten, param_shapes, unflatten
+from ..quant import FORMATS, GROUP_SIZE, SCALE_DTYPES, Keep, layout, stored_shapes
 from .tensorfiles import CheckpointError
 
 HEADER_KEY = "paligemma_quant"

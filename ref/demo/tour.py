@@ -1,9 +1,10 @@
-"""`make demo`: a randomly initialised PaliGemma 2, run end to end, stage by stage, with shapes.
+"""`python -m paligemma.ref.demo`: a randomly initialised PaliGemma 2, run end to end, stage by stage, with shapes.
 
 The model has the real image geometry (224 px, 14 px patches -> 256 image tokens) and the
 real 257,152-token vocabulary, but narrow towers so it runs in seconds on a laptop CPU.
 Its weights are random, so its words are noise: the point is to watch the data flow.
-(`make demo` runs the trained embedded demo model instead: `paligemma demo`, cli/demo.py.)
+(`make demo` runs the trained embedded demo model instead: `paligemma demo`, cli/demo.py,
+with the files of assets/ beside this one.)
 """
 
 import argparse
@@ -11,12 +12,12 @@ import time
 
 import numpy as np
 
-from . import gemma, siglip
-from .config import GemmaConfig, PaliGemmaConfig, VisionConfig, describe
-from .decode import generate
-from .mask import make_attn_mask
-from .model import embed_image_and_text, forward, prefix_lm_masks
-from .params import init_params, layer_slice
+from .. import gemma, siglip
+from ..config import GemmaConfig, PaliGemmaConfig, VisionConfig, describe
+from ..decode import generate
+from ..mask import make_attn_mask
+from ..model import embed_image_and_text, forward, prefix_lm_masks
+from ..params import init_params, layer_slice
 
 DEMO = PaliGemmaConfig(
     VisionConfig(image_size=224, patch_size=14, width=96, depth=3, mlp_dim=192, num_heads=4),

@@ -9,7 +9,7 @@ three colours on a soft random background, and for every shape its kind, colour,
     detect circle     -> "<locY0><locX0><locY1><locX1> circle ; ..."   (left to right)
     segment square    -> "<loc..>x4<seg...>x16 square ; ..."
 
-Detection and segmentation targets need the loc/seg encoders of `paligemma.ref.tasks`; this module
+Detection and segmentation targets need the loc/seg encoders of `paligemma.ref.tasks.answers`; this module
 only draws scenes and writes the words.
 """
 
@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .tasks import format_objects
+from .answers import format_objects
 
 KINDS = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}

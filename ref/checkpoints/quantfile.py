@@ -21,10 +21,10 @@ import struct
 
 import numpy as np
 
+from ..params import flatten, param_shapes
+from ..quant import GROUP_SIZE, SCALE_DTYPES, Keep, layout, quantize_array
 from . import hf_layout
 from .checkpoint import read_config
-from .params import flatten, param_shapes
-from .quant import GROUP_SIZE, SCALE_DTYPES, Keep, layout, quantize_array
 from .quantread import DTYPE_CODES, HEADER_KEY, VERSION, QuantHeader, load_quantized, read_quant_header
 from .tensorfiles import CheckpointError, atomic_write, open_reader, refuse_overwrite
 
