@@ -6,6 +6,9 @@ functions count like those at the top (that is how a cycle hides: it runs, until
 function-level import moves up). The rules (docs/architecture.md, "A map of the house"):
 
     ref       imports none of fast, kernels, parity, cli (nor the server or visualisation above)
+    ref/      lists the model and nothing else: its top-level modules are REF_MODEL, the rest lives
+              in the subpackages REF_SUBPACKAGES, and the model imports none of them (one named
+              exception: vqvae's load/save write with checkpoints.tensorfiles)
     kernels   import neither model (ref, fast), nor anything above them
     cli       is imported by nothing but cli
     no module imports a private name (`_x`) from another module, or reads `module._x`
@@ -28,6 +31,20 @@ FORBIDDEN = {
     "parity": {"cli", "serve", "viz"},
 }
 NOT_IMPORTED_BY_OTHERS = {"cli"}
+# ref/ is the paper: the model's modules in the order of the data, then what surrounds the model in
+# subpackages named for what they are (docs/architecture.md, "A map of the house").
+REF_MODEL = ("config", "params", "ops", "mask", "siglip", "gemma", "model", "decode", "capture", "vqvae", "quant")
+REF_SUBPACKAGES = ("checkpoints", "inputs", "tasks", "demo")
+# (model module, subpackage module) pairs allowed against "the model imports none of the subpackages".
+MODEL_MAY_IMPORT = {("paligemma.ref.vqvae", "paligemma.ref.checkpoints.tensorfiles")}
+# The names `paligemma.ref` had before the move, still bound there for users (ref/__init__.py).
+OLD_NAMES = {
+    "checkpoint": "checkpoints.checkpoint", "tensorfiles": "checkpoints.tensorfiles",
+    "hf_layout": "checkpoints.hf_layout", "inferconfig": "checkpoints.inferconfig",
+    "quantfile": "checkpoints.quantfile", "quantread": "checkpoints.quantread",
+    "tokenizer": "inputs.tokenizer", "image": "inputs.image", "video": "inputs.video", "media": "inputs.media",
+    "scoring": "tasks.scoring", "metrics": "tasks.metrics", "draw": "tasks.draw", "shapes": "tasks.shapes",
+}
 
 
 def package_folder(package, folders, root=ROOT):
@@ -141,6 +158,14 @@ def _package(module):
     return parts[1] if len(parts) > 1 and parts[0] == TOP else None
 
 
+def _ref_part(module):
+    """"model" for a model module of ref/, the subpackage's name for one of its modules, else None."""
+    parts = module.split(".")
+    if parts[:2] != [TOP, "ref"] or len(parts) < 3:
+        return None
+    return "model" if parts[2] in REF_MODEL else parts[2]
+
+
 def violations(graph):
     """Every broken rule as one readable line."""
     lines = []
@@ -154,8 +179,27 @@ def violations(graph):
                 lines.append(f"{module}:{line} imports {target}: nothing outside {theirs} imports it")
             if private:
                 lines.append(f"{module}:{line} takes the private name {private} from {target}")
+            if (_ref_part(module) == "model" and _ref_part(target) not in (None, "model")
+                    and (module, target) not in MODEL_MAY_IMPORT):
+                lines.append(f"{module}:{line} imports {target}: the model does not import what surrounds it")
     for component in cycles(graph):
         lines.append("import cycle: " + " <-> ".join(component))
+    return lines
+
+
+def ref_layout(root=ROOT):
+    """Every way the folder of `paligemma.ref` departs from "the model, and named subpackages"."""
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folder = package_folder("paligemma.ref", setup.get("package-dir", {}), root)
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+    subfolders = {path.name for path in folder.iterdir() if path.is_dir() and any(path.glob("*.py"))}
+    lines = [f"ref/{stem}.py is not part of the model: it belongs in one of the subpackages "
+             f"{', '.join(REF_SUBPACKAGES)}" for stem in sorted(modules - set(REF_MODEL))]
+    lines += [f"ref/{stem}.py is missing (REF_MODEL lists it)" for stem in sorted(set(REF_MODEL) - modules)]
+    lines += [f"ref/{name}/ is not a named subpackage (REF_SUBPACKAGES; docs/architecture.md says where "
+              "things go)" for name in sorted(subfolders - set(REF_SUBPACKAGES) - {"__pycache__"})]
+    lines += [f"paligemma.ref.{name} is missing from pyproject.toml's packages (it would not be installed)"
+              for name in REF_SUBPACKAGES if f"paligemma.ref.{name}" not in setup["packages"]]
     return lines
 
 
@@ -173,6 +217,27 @@ def test_every_package_is_read(graph):
 
 def test_imports_point_one_way(graph):
     assert violations(graph) == []
+
+
+def test_ref_lists_the_model_and_nothing_else():
+    assert ref_layout() == []
+
+
+def test_the_old_module_names_still_work():
+    """`from paligemma.ref import metrics` (and the other names from before the move) still works;
+    `paligemma.ref.tasks` is the subpackage, and still offers what `ref/tasks.py` held."""
+    import importlib
+    import inspect
+
+    from paligemma import ref
+    from paligemma.ref.tasks import answers
+
+    for old, new in OLD_NAMES.items():
+        assert getattr(ref, old) is importlib.import_module(f"paligemma.ref.{new}"), old
+    assert ref.tasks.parse is answers.parse and ref.tasks.CONVENTIONS is answers.CONVENTIONS
+    public = {name for name, value in vars(answers).items() if not name.startswith("_") and not inspect.ismodule(value)
+              and getattr(value, "__module__", answers.__name__) == answers.__name__}
+    assert public <= set(ref.tasks.__all__)
 
 
 # --- the checker itself, on small planted sources -------------------------------------------------
@@ -217,4 +282,30 @@ def test_direction_and_private_names_are_found(tmp_path):
         "paligemma.ref.model:5 imports paligemma.fast.x: ref must not import fast",
         "paligemma.ref.model:6 takes the private name _helper from paligemma.ref.ops",
         "import cycle: paligemma.cli.common <-> paligemma.fast.x",
+    ]
+
+
+def test_plumbing_at_the_top_of_ref_is_found(tmp_path):
+    files = {"ref/__init__.py": "", **{f"ref/{m}.py": "" for m in REF_MODEL},
+             **{f"ref/{s}/__init__.py": "" for s in REF_SUBPACKAGES}}
+    files["ref/tokenizer.py"] = ""  # plumbing planted back at the top
+    files["ref/extras/__init__.py"] = ""  # a subpackage nobody named
+    files["ref/gemma.py"] = "from .inputs import tokenizer\n"  # the model reaching out
+    files["ref/inputs/tokenizer.py"] = "from ..config import X\n"  # the other way is fine
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    packages = ", ".join(f'"paligemma.ref.{s}"' for s in REF_SUBPACKAGES if s != "demo")
+    (tmp_path / "pyproject.toml").write_text(
+        f'[tool.setuptools]\npackages = ["paligemma.ref", {packages}]\n'
+        '[tool.setuptools.package-dir]\n"paligemma.ref" = "ref"\n')
+    assert ref_layout(tmp_path) == [
+        "ref/tokenizer.py is not part of the model: it belongs in one of the subpackages "
+        "checkpoints, inputs, tasks, demo",
+        "ref/extras/ is not a named subpackage (REF_SUBPACKAGES; docs/architecture.md says where things go)",
+        "paligemma.ref.demo is missing from pyproject.toml's packages (it would not be installed)",
+    ]
+    assert violations(import_graph(installed_modules(tmp_path))) == [
+        "paligemma.ref.gemma:1 imports paligemma.ref.inputs.tokenizer: the model does not import what surrounds it",
     ]
