@@ -100,6 +100,11 @@ def run_serve(args, usage_error):
         with status("loading mask VAE"):
             vae = load_vae(vae_path)
     engine = model.engine(slots=args.slots, max_seq=args.max_seq, max_queue=args.queue)
+    if not engine.leader:  # several JAX processes: process 0 serves HTTP, the others run its steps
+        for signum in (signal.SIGTERM, signal.SIGINT):  # process 0 drains, then releases this one
+            signal.signal(signum, lambda signum, frame: None)
+        engine.follow()
+        return 0
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_tokens=args.max_tokens,
                     default_max_tokens=min(64, args.max_tokens))

@@ -47,7 +47,7 @@ from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import check_context, parse_sampler
 from paligemma.ref.model import num_image_tokens
 
-from . import pool, sharding
+from . import lockstep, pool, sharding
 from .decode import CACHE_ALIGNMENT, KVCache
 from .pool import SAMPLER_KINDS
 from .policy import FLOAT32, Policy
@@ -141,6 +141,12 @@ class Engine:
         self._images = collections.OrderedDict()  # content hash -> image tokens [1, F*P, D]
         self._lock = threading.Condition()
         self._thread, self._accepting, self._draining = None, True, False
+        # Several JAX processes: process 0 schedules and sends each step's plan (`fast.lockstep`);
+        # the others run `follow`.
+        self.processes = jax.process_count()
+        self.leader = jax.process_index() == 0
+        if self.processes > 1 and self.policy.mesh is None:
+            raise ValueError(f"Engine: {self.processes} JAX processes need a mesh over their devices (mesh=...)")
         self.counters = collections.Counter()  # generated_tokens, image_cache_hits, image_cache_misses
 
     def _empty_cache(self):
@@ -150,7 +156,7 @@ class Engine:
         def zeros(shape, dtype, spec):
             if mesh is None:
                 return jnp.zeros(shape, dtype)
-            return jax.device_put(np.zeros(shape, dtype), jax.sharding.NamedSharding(mesh, spec))
+            return sharding.put_global(np.zeros(shape, dtype), jax.sharding.NamedSharding(mesh, spec))
 
         kv_spec = sharding.kv_cache_spec(mesh, g.num_kv_heads)
         kv_shape = (g.depth, B, S, g.num_kv_heads, g.head_dim)
@@ -163,6 +169,8 @@ class Engine:
     def submit(self, request: Request) -> Stream:
         """Queues a request; returns its `Stream`. Raises AdmissionError (both numbers for a
         request that cannot fit), QueueFull, or RuntimeError once the engine is stopping."""
+        if not self.leader:
+            raise RuntimeError("Engine: requests go to process 0; the other processes run `follow()`")
         request, sampler = self._checked(request)
         stream = Stream()
         with self._lock:
@@ -210,20 +218,42 @@ class Engine:
 
     def step(self):
         """One iteration: free cancelled slots, admit waiting requests, advance every active slot.
-        Returns True while there is work left (waiting or active requests)."""
+        Returns True while there is work left (waiting or active requests). On several processes
+        only process 0 steps; it sends the others each step's plan (`follow`)."""
+        if not self.leader:
+            raise RuntimeError("Engine: process 0 steps; the other processes run `follow()`")
         with self._lock:
-            for b, slot in enumerate(self._active):
-                if slot is not None and slot.stream.cancelled:
-                    self._finish(b, "cancelled")
+            cancelled = [b for b, slot in enumerate(self._active) if slot is not None and slot.stream.cancelled]
+            for b in cancelled:
+                self._finish(b, "cancelled")
             while self._waiting and self._waiting[0][2].cancelled:
                 self._waiting.popleft()[2]._finish_with("cancelled")
             group = self._take_group()
+        if self.processes > 1:
+            lockstep.send(lockstep.STEP, lockstep.encode_plan(cancelled, group))
+        self._advance(group)
+        with self._lock:
+            return self._busy()
+
+    def _advance(self, group):
         if group:
             self._admit_group(group)
         if any(s is not None for s in self._active):
             self._decode_step()
-        with self._lock:
-            return self._busy()
+
+    def follow(self):
+        """Processes 1..N-1 of several: runs process 0's steps (`fast.lockstep`) on this process's
+        devices until process 0 stops its engine. Their answers are process 0's to hand out."""
+        if self.leader:
+            raise RuntimeError("Engine.follow: process 0 schedules (submit, step, start); the others follow")
+        while True:
+            kind, data = lockstep.receive()
+            if kind == lockstep.STOP:
+                return
+            cancelled, group = lockstep.decode_plan(data, Request)
+            for b in cancelled:
+                self._finish(b, "cancelled")
+            self._advance([(b, (request, sampler, Stream())) for b, (request, sampler) in group])
 
     def _busy(self):
         return bool(self._waiting) or any(s is not None for s in self._active)
@@ -262,10 +292,12 @@ class Engine:
             keys[i] = jax.random.key_data(jax.random.PRNGKey(request.seed)) if i < len(group) else 0
             rows[i] = b if i < len(group) else self.slots
             images.append(self._image_tokens(request.images) if i < len(group) else images[-1])
-        cache, first, logp, keys = pool.admit(self.params, self._cache, rows, jnp.concatenate(images), tokens, mask_ar,
-                                          input_mask, tuple(samplers), keys, config=self.config, policy=self.policy)
+        put = self._global
+        cache, first, logp, keys = pool.admit(self.params, self._cache, put(rows), jnp.concatenate(images), put(tokens),
+                                          put(mask_ar), put(input_mask), put(tuple(samplers)), put(keys),
+                                          config=self.config, policy=self.policy)
         self._cache = cache
-        first, logp, keys = np.asarray(first), np.asarray(logp), np.asarray(keys)
+        first, logp, keys = sharding.to_host((first, logp, keys))
         for i, (b, (request, sampler, stream)) in enumerate(group):
             self._keys[b] = keys[i]
             for array, value in zip(self._samplers, self._sampler_row(sampler)):
@@ -275,13 +307,21 @@ class Engine:
 
     def _decode_step(self):
         active = np.array([s is not None for s in self._active])
-        cache, tokens, logp, keys = pool.decode(self.params, self._cache, self._feed, active, self._samplers, self._keys,
-                                            config=self.config, policy=self.policy)
+        put = self._global
+        cache, tokens, logp, keys = pool.decode(self.params, self._cache, put(self._feed), put(active),
+                                            put(self._samplers), put(self._keys), config=self.config, policy=self.policy)
         self._cache = cache
-        tokens, logp, keys = np.asarray(tokens), np.asarray(logp), np.asarray(keys)
+        tokens, logp, keys = sharding.to_host((tokens, logp, keys))
         self._keys = keys.copy()
         for b in np.flatnonzero(active):
             self._emit(b, int(tokens[b]), float(logp[b]))
+
+    def _global(self, tree):
+        """Host arrays as every process's same global (replicated) arrays; as they are on one."""
+        if self.processes == 1:
+            return tree
+        replicated = jax.sharding.NamedSharding(self.policy.mesh, jax.sharding.PartitionSpec())
+        return jax.tree_util.tree_map(lambda a: sharding.put_global(a, replicated), tree)
 
     @staticmethod
     def _sampler_row(sampler):
@@ -313,7 +353,7 @@ class Engine:
             return self._images[key]
         self.counters["image_cache_misses"] += 1
         batch = np.repeat(images[None], self._multiple, axis=0)  # [m, (F,) R, R, 3]: one copy per data shard
-        tokens = pool.encode(self.params, batch, config=self.config, policy=self.policy)[:1]
+        tokens = pool.encode(self.params, self._global(batch), config=self.config, policy=self.policy)[:1]
         self._images[key] = tokens
         while len(self._images) > self.image_cache_size:
             self._images.popitem(last=False)
@@ -335,16 +375,23 @@ class Engine:
         return self
 
     def _loop(self):
+        idle = lockstep.IDLE_SECONDS if self.processes > 1 else None
         while True:
             with self._lock:
                 while not (self._busy() or not self._accepting):
-                    self._lock.wait()
+                    if not self._lock.wait(idle) and idle:  # an empty step keeps the followers' collective short
+                        break
                 if not self._accepting and not (self._draining and self._busy()):
-                    return
+                    break
             try:
                 self.step()
             except Exception as error:  # a failed program: every request in flight learns why
                 self._fail_all(error)
+        self._release_followers()
+
+    def _release_followers(self):
+        if self.processes > 1 and self.leader:
+            lockstep.send(lockstep.STOP)
 
     def _fail_all(self, error):
         with self._lock:
@@ -368,10 +415,12 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        elif drain:
+            return
+        if drain:
             self.run_until_idle()
         else:
             self.step()
+        self._release_followers()
 
     def stats(self):
         """Queue and slot occupancy and counters (for `/metrics`)."""

@@ -46,14 +46,14 @@ def free_port():
 class LiveServer:
     """`paligemma serve` in a subprocess; `url`, `stop()` (SIGTERM, bounded wait, then kill)."""
 
-    def __init__(self, *args, timeout=240):
+    def __init__(self, *args, timeout=240, env=None):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "paligemma.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--warm-up", "first", *args]  # the other prefill sizes compile when first needed
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.output = []
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -90,8 +90,8 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(*args, timeout=240):
-    server = LiveServer(*args, timeout=timeout)
+def live_server(*args, timeout=240, env=None):
+    server = LiveServer(*args, timeout=timeout, env=env)
     try:
         yield server
     finally:

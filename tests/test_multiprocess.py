@@ -34,7 +34,7 @@ from finetune_fixtures import CAPTIONS, PREFIX, build, write_jsonl
 from paligemma.cli.common import demo_asset
 from paligemma.fast import data, train_state
 from paligemma.fast.train import TrainConfig, make_optimizer, split_params
-from paligemma.parity.tolerances import FLOAT32_REORDERED
+from paligemma.parity.tolerances import FLOAT32_REORDERED, relative_error
 from paligemma.ref.tasks import shapes
 
 PY = [sys.executable, "-m", "paligemma.cli"]
@@ -287,3 +287,77 @@ def test_generate_and_evaluate_two_processes_equal_one(tmp_path):
     assert m1[0] == m2[0]
     p1, p2 = ((tmp_path / name / "predictions.jsonl").read_text() for name in ("e1", "e2"))
     assert p1 == p2
+
+
+def engine_requests(t):
+    """The two-process engine test's requests (`t`: tests/test_engine.py). The first two share a
+    shape, so they are admitted together: one row on each process's devices."""
+    return [t.make_request("a", 5, 6, token_seed=1), t.make_request("b", 3, 9, "top_k(4)", seed=2, token_seed=2),
+            t.make_request("ab", 3, 5, token_seed=3), t.make_request("b", 17, 7, "nucleus(0.7, 1.2)", token_seed=4),
+            t.make_request("a", 3, 40, seed=5, token_seed=5), t.make_request("a", 5, 4, token_seed=6)]
+
+
+ENGINE_SCRIPT = """
+import json, os, sys
+from paligemma.fast import distributed
+distributed.initialize()  # PALIGEMMA_* from the environment; a no-op for one process
+import jax
+sys.path.insert(0, os.environ["TESTS"])
+import test_engine as t
+import test_multiprocess as m
+from paligemma.fast.engine import Engine
+
+engine = Engine(t.PARAMS, t.CONFIG, slots=2, max_seq=64, mesh="data=2,model=2")
+if engine.leader:  # arrivals between steps, a cancel, slots reused: plans of every kind
+    requests = m.engine_requests(t)
+    streams = [engine.submit(r) for r in requests[:2]]
+    engine.step(); engine.step()
+    streams += [engine.submit(r) for r in requests[2:5]]
+    for _ in range(8):
+        engine.step()
+    streams[4].cancel()  # the 40-token answer, in a slot by now
+    streams.append(engine.submit(requests[5]))
+    engine.run_until_idle()
+    engine.stop()
+    out = [dict(tokens=s.result(timeout=0).tokens.tolist(), logprobs=s.result(timeout=0).logprobs.tolist(),
+                reason=s.result(timeout=0).finish_reason) for s in streams]
+    print("RESULT" + json.dumps(dict(out=out, processes=jax.process_count(), stats=engine.stats())))
+else:
+    engine.follow()
+    print("FOLLOWED" + json.dumps(engine.stats()))
+"""
+
+
+def test_the_engine_across_two_processes_gives_the_answers_of_one(tmp_path):
+    """`fast.Engine` on a data=2,model=2 mesh over 2 processes x 2 devices: process 0 schedules
+    (arrivals between steps, a cancel, slots reused), process 1 follows its plans; every answer
+    equals `fast.generate` on that request alone, as on one process (tests/test_engine.py)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import test_engine as t
+
+    port = _free_port()
+    envs = [_env(2, PALIGEMMA_COORDINATOR=f"127.0.0.1:{port}", PALIGEMMA_NUM_PROCESSES="2", PALIGEMMA_PROCESS_ID=str(i),
+                 PALIGEMMA_HEARTBEAT_TIMEOUT="30", TESTS=os.path.dirname(os.path.abspath(__file__))) for i in range(2)]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    argv = [sys.executable, "-c", ENGINE_SCRIPT]
+    with _started([argv, argv], envs, logs) as procs:
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(SLOW))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    texts = [open(f).read() + open(f"{f}.out").read() for f in logs]
+    assert codes == [0, 0], (codes, [x[-2500:] for x in texts])
+    result = json.loads(texts[0].split("RESULT", 1)[1].splitlines()[0])
+    followed = json.loads(texts[1].split("FOLLOWED", 1)[1].splitlines()[0])
+    assert result["processes"] == 2 and followed["active"] == 0 and followed["queued"] == 0
+    assert followed["generated_tokens"] == result["stats"]["generated_tokens"]  # process 1 ran every step too
+    requests = engine_requests(t)
+    assert [r["reason"] for r in result["out"]][4] == "cancelled"
+    for request, got in zip(requests, result["out"]):
+        tokens, logprobs = t.alone(request)
+        n = len(got["tokens"])
+        assert got["tokens"] == tokens[:n].tolist(), (got, tokens)
+        assert n == len(tokens) or got["reason"] == "cancelled"
+        assert relative_error(np.array(got["logprobs"]), logprobs[:n]) <= FLOAT32_REORDERED.bound()

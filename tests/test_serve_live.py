@@ -209,3 +209,48 @@ def test_full_queue_answers_429_and_sigterm_drains():
         assert len(answers) == 2 and all(a[-1] == "data: [DONE]" for a in answers)
         finals = [json.loads(a[-2][len("data: "):]) for a in answers]
         assert [f["usage"]["completion_tokens"] for f in finals] == [200, 200]
+
+
+def test_serve_across_two_processes_answers_as_one(tmp_path):
+    """`paligemma serve --mesh data=2,model=2` as 2 JAX processes x 2 devices (PALIGEMMA_*): process 0
+    serves HTTP and schedules, process 1 runs its steps (`fast.lockstep`); concurrent answers equal
+    one process's `paligemma generate`; SIGTERM to process 0 drains it and releases process 1
+    (both exit 0; a follower that missed the release would hang until the wait's bound)."""
+    import os
+
+    from serve_fixtures import free_port
+
+    coordinator = free_port()
+
+    def env(i):
+        out = {k: v for k, v in os.environ.items() if not k.startswith(("PALIGEMMA_", "XLA_FLAGS"))}
+        return dict(out, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                    PALIGEMMA_COORDINATOR=f"127.0.0.1:{coordinator}", PALIGEMMA_NUM_PROCESSES="2",
+                    PALIGEMMA_PROCESS_ID=str(i), PALIGEMMA_HEARTBEAT_TIMEOUT="30")
+
+    args = ["--mesh", "data=2,model=2", "--slots", "2", "--quiet"]
+    follower = subprocess.Popen([sys.executable, "-m", "paligemma.cli", "serve", "--port", "0", *args], env=env(1),
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "process1.log", "w"))
+    try:
+        with live_server(*args, env=env(0)) as server:
+            cases = [(scene_png(seed)[0], prompt) for seed, prompt in ((13, "caption en"), (5, "caption en"),
+                                                                       (13, "count circles"))]
+            bodies = [{"image": data_url(png), "prompt": prompt, "max_tokens": 24} for png, prompt in cases]
+            with httpx.Client(timeout=120) as client:
+                threads, answers = [], {}
+                for i, body in enumerate(bodies):  # concurrent (tests/test_multiprocess.py pins two-row admissions)
+                    threads.append(threading.Thread(
+                        target=lambda i=i, body=body: answers.update({i: client.post(server.url + "/v1/generate",
+                                                                                      json=body)})))
+                    threads[-1].start()
+                for t in threads:
+                    t.join(180)
+            for i, (png, prompt) in enumerate(cases):
+                assert answers[i].status_code == 200, answers[i].text
+                assert answers[i].json()["text"] == cli_generate(tmp_path, png, prompt, 24), (prompt, answers[i].json())
+            assert server.terminate(120) == 0, "".join(server.output)[-3000:]
+        assert follower.wait(60) == 0, (tmp_path / "process1.log").read_text()[-3000:]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(10)
