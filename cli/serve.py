@@ -48,7 +48,7 @@ def add_parser(commands, usage_error):
     s.set_defaults(run=lambda args: run_serve(args, usage_error))
 
 
-def _files(args, usage_error):
+def _files(args):
     """(checkpoint, tokenizer, vae, model id) with the embedded demo model's files as defaults."""
     import os
 
@@ -81,7 +81,7 @@ def run_serve(args, usage_error):
         import uvicorn
     except ImportError:
         raise usage_error("paligemma serve needs the serve extra: pip install 'paligemma[serve]'") from None
-    checkpoint, tokenizer, vae_path, model_id = _files(args, usage_error)
+    checkpoint, tokenizer, vae_path, model_id = _files(args)
     if args.mesh is not None:
         from paligemma.fast import sharding
 

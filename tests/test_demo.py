@@ -3,7 +3,6 @@
 import json
 import types
 
-import numpy as np
 import pytest
 
 from paligemma import ref

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from paligemma.ref import get_config
 from paligemma.ref.inputs import image as I
-from paligemma.ref.inputs.image import ImageError, load_image, preprocess, resize, to_model_input
+from paligemma.ref.inputs.image import load_image, preprocess, resize, to_model_input
 from paligemma.ref.model import validate_inputs
 
 RNG = np.random.default_rng(0)

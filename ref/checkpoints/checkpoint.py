@@ -235,7 +235,7 @@ def _save_hf(folder, config, flat, overwrite, max_shard_bytes):
     for out, names in zip(files, shards):
         tensors = {n: np.ascontiguousarray(hf_layout.bv_to_hf(np.asarray(sources[n][0]), sources[n][1],
                                                                sources[n][2], config)) for n in names}
-        atomic_write(os.path.join(folder, out), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(folder, out), lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
         del tensors
     if index_file:
         index = {"metadata": {"total_size": sum(src.nbytes for src, _, _ in sources.values())},
