@@ -56,6 +56,10 @@ from .stream import Completion, Stream, Token
 __all__ = ["Engine", "Request", "Stream", "Token", "Completion", "AdmissionError", "QueueFull"]
 
 MIN_TEXT_BUCKET = 16
+# Positions (image + text, times the padded batch) one admission prefills at most: bounds the
+# prefill's activations. On the 3B-224 CPU harness XLA planned 0.49 GB of temporaries for
+# 8 x 272 positions and 2.35 GB for 16 x 272 (bench/engine_speed.py, docs/serving.md).
+MAX_PREFILL_TOKENS = 4096
 
 
 class AdmissionError(ValueError):
@@ -108,10 +112,13 @@ class Engine:
       image_cache: how many images' encodings to keep (by content; least recently used out).
       max_queue: most waiting requests; `submit` raises `QueueFull` beyond. None: unbounded.
       prefill_sizes: batch sizes a prefill is padded to (several arrivals share one prefill).
+      max_prefill_tokens: the most positions (padded batch x (image + text tokens)) one prefill
+        computes; more arrivals of a shape wait for the next step. At least one request always fits.
     """
 
     def __init__(self, params, config: PaliGemmaConfig, slots=8, max_seq=None, policy: Policy = FLOAT32,
-                 mesh=None, image_cache=64, max_queue=None, prefill_sizes=None):
+                 mesh=None, image_cache=64, max_queue=None, prefill_sizes=None,
+                 max_prefill_tokens=MAX_PREFILL_TOKENS):
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise ValueError(f"Engine: slots must be an integer >= 1, got {slots!r}")
         one_image = num_image_tokens(config, (1, config.vision.image_size, config.vision.image_size, 3))
@@ -131,6 +138,7 @@ class Engine:
         sizes = (prefill_sizes or (1, 2, 4, 8, 16))
         self.prefill_sizes = tuple(sorted({min(-(-s // self._multiple) * self._multiple, self.slots) for s in sizes}))
         self.max_queue, self.image_cache_size = max_queue, int(image_cache)
+        self.max_prefill_tokens = int(max_prefill_tokens)
         self._cache = self._empty_cache()
         B = self.slots
         self._keys = np.zeros((B, 2), np.uint32)
@@ -264,10 +272,17 @@ class Engine:
         if not free or not self._waiting:
             return []
         shape = self._shape(self._waiting[0][0])
-        group = [w for w in self._waiting if self._shape(w[0]) == shape][: len(free)]
+        group = [w for w in self._waiting if self._shape(w[0]) == shape][: min(len(free), self._most_rows(shape))]
         taken = {id(w) for w in group}
         self._waiting = collections.deque(w for w in self._waiting if id(w) not in taken)
         return list(zip(free, group))
+
+    def _most_rows(self, shape):
+        """The largest prefill size whose positions fit `max_prefill_tokens` (else the smallest)."""
+        images, T = shape
+        N = num_image_tokens(self.config, (1,) + images) + T
+        fits = [s for s in self.prefill_sizes if s * N <= self.max_prefill_tokens]
+        return max(fits) if fits else self.prefill_sizes[0]
 
     def _shape(self, request):
         """(images shape, text bucket): requests of one shape share a prefill."""

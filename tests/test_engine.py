@@ -124,6 +124,23 @@ def test_one_slot_reused_by_shorter_requests_sees_nothing_of_the_last():
         check_answer(request, stream.result(timeout=0))
 
 
+def test_a_prefill_stays_within_max_prefill_tokens(monkeypatch):
+    """Four arrivals of one shape (16 image + 16 text positions each) with room for 64 positions per
+    prefill: two admissions of two rows, not one of four; the answers are unchanged."""
+    from paligemma.fast import pool
+
+    batches, admit = [], pool.admit
+    monkeypatch.setattr(pool, "admit", lambda params, cache, rows, *a, **k: batches.append(len(rows))
+                        or admit(params, cache, rows, *a, **k))
+    engine = Engine(PARAMS, CONFIG, slots=4, max_seq=64, prefill_sizes=(1, 2, 4), max_prefill_tokens=64)
+    requests = [make_request("a", 5 + i, 4, token_seed=i) for i in range(4)]
+    streams = [engine.submit(r) for r in requests]
+    engine.run_until_idle()
+    assert batches == [2, 2]
+    for request, stream in zip(requests, streams):
+        check_answer(request, stream.result(timeout=0))
+
+
 def test_a_request_seed_not_its_slot_decides_the_samples():
     engine = Engine(PARAMS, CONFIG, slots=3, max_seq=64)
     request = make_request("a", 6, 8, "temperature(1.5)", seed=7)
