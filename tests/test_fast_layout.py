@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from paligemma import fast, ref
 from paligemma.fast import decode as fast_decode
 from paligemma.fast import gemma as fast_gemma
+from paligemma.fast import linear as fast_linear
 from paligemma.fast.model import converts_weights
 from paligemma.parity.strategies import configs, prompts
 from paligemma.parity.tolerances import FLOAT32_REORDERED, assert_close
@@ -96,7 +97,7 @@ def test_logits_in_vocabulary_slabs_equal_one_product(V, T, cap, seed):
     pre = rng.standard_normal((2, T, D)).astype(np.float32)
     config = dataclasses.replace(ref.get_config("tiny-paligemma").llm, width=D, vocab_size=V,
                                  final_logits_softcap=cap)
-    assert V % fast_gemma.vocab_slab(V) == 0 and 1024 <= fast_gemma.vocab_slab(V) <= 8192
+    assert V % fast_linear.vocab_slab(V) == 0 and 1024 <= fast_linear.vocab_slab(V) <= 8192
     got = np.asarray(jax.jit(fast_gemma.logits, static_argnums=2)(
         {"embedder": {"input_embedding": jnp.asarray(table)}}, jnp.asarray(pre), config))
     want = np.einsum("btd,vd->btv", pre.astype(np.float64), table.astype(np.float64))
@@ -108,7 +109,7 @@ def test_logits_in_vocabulary_slabs_equal_one_product(V, T, cap, seed):
 
 @given(st.integers(1, 300_000))
 def test_vocab_slab_is_the_largest_divisor_up_to_8192(V):
-    slab = fast_gemma.vocab_slab(V)
+    slab = fast_linear.vocab_slab(V)
     assert V % slab == 0 and slab <= 8192
     assert not any(V % d == 0 for d in range(slab + 1, min(V, 8192) + 1))
 
