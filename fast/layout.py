@@ -9,7 +9,14 @@ Two layouts compute the same numbers (tests/test_fast_layout.py):
   in place (docs/performance.md section 2).
 A quantized tree with kept end layers (`ref.quant.Keep(end_layers=k)`) holds three segments,
 `SEGMENTS`, each in either layout.
+
+The layout is the library's choice: `for_platform` gives every public entry point
+(`fast.generate`, `fast.forward`, `fast.Engine`) the layout this platform runs fastest, whatever
+the caller passed.
 """
+
+import contextlib
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +25,7 @@ import numpy as np
 from paligemma.ref import capture
 
 SEGMENTS = ("layers_first", "layers", "layers_last")  # `ref.quant.Keep(end_layers=k)` stores three
+AUTO = True  # read at call time: False runs every tree in the layout it came in (bench/generate_speed.py)
 
 
 def layer_segments(llm):
@@ -109,3 +117,69 @@ def run_layers(llm, x, layer_step, caches=None, outputs_from=0):
     updated = None if caches is None else (
         parts[0] if len(parts) == 1 else tuple(jnp.concatenate(u) for u in zip(*parts)))  # [L, B, S, K, H] each
     return x, updated
+
+
+# --- The library's choice ----------------------------------------------------------------------
+
+
+def prefers_per_layer(params, mesh=None):
+    """Whether this platform runs `params` fastest with per-layer buffers: on the CPU without a
+    mesh, when the layer weights are float32 or quantized. bfloat16 weights stay stacked there:
+    XLA:CPU converts each to float32 where it is used anyway, and schedules the conversions of
+    all unrolled layers early (8 GB of temporaries for 3B-224). GPU/TPU and meshes: stacked."""
+    if mesh is not None or jax.default_backend() != "cpu":
+        return False
+    llm = params["llm"]
+    leaves = [leaf for _, layers in _segment_names(llm) for leaf in jax.tree_util.tree_leaves(layers)]
+    return all(jnp.dtype(leaf.dtype) == jnp.float32 for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+@contextlib.contextmanager
+def as_given():
+    """Within this block every entry point runs the layout it is given (`AUTO = False`): for the
+    tests and benchmarks that compare the layouts."""
+    global AUTO
+    before, AUTO = AUTO, False
+    try:
+        yield
+    finally:
+        AUTO = before
+
+
+def _segment_names(llm):
+    return [(name, llm[name]) for name in SEGMENTS if name in llm]
+
+
+_converted = {}  # the last tree `for_platform` converted: {"sources": weak refs to its leaves, "tree": ...}
+
+
+def for_platform(params, mesh=None):
+    """`params` as device arrays in this platform's layout (`prefers_per_layer`), converted once.
+
+    NumPy leaves (`ref.load`'s) are copied to the device, per layer where the layers become
+    per-layer buffers; a tree already in place comes back as it is. The conversion of the last
+    tree is kept for as long as the caller's arrays live (weak references), so a second call with
+    the same tree costs nothing; arrays changed in place after the first call are not seen (pass
+    a new tree, or convert once yourself and keep the result: `fast.layout.for_platform(params)`).
+    With `AUTO = False` the tree runs as given.
+    """
+    if not AUTO or mesh is not None:
+        return params
+    want = prefers_per_layer(params, mesh)
+    stacked = any(not per_layer(layers) for _, layers in _segment_names(params["llm"]))
+    leaves = jax.tree_util.tree_leaves(params)
+    on_device = all(isinstance(leaf, jax.Array) for leaf in leaves)
+    if on_device and not (want and stacked):
+        return params
+    sources = _converted.get("sources", ())
+    if len(sources) == len(leaves) and all(ref() is leaf for ref, leaf in zip(sources, leaves)):
+        return _converted["tree"]
+    _converted.clear()
+    tree = unstack_layers(params) if want else params
+    tree = jax.tree_util.tree_map(lambda w: w if isinstance(w, jax.Array) else jax.device_put(w), tree)
+    forget = lambda _: _converted.clear()  # noqa: E731  (a source array died: the copy goes too)
+    try:
+        _converted.update(sources=[weakref.ref(leaf, forget) for leaf in leaves], tree=tree)
+    except TypeError:  # a leaf that takes no weak reference (a Python scalar): not cached
+        _converted.clear()
+    return tree
