@@ -202,3 +202,25 @@ def test_outputs_from_refuses_a_kv_cache():
         fast_gemma.transformer(params["llm"], x, positions, attn_mask, g, fast.Policy(),
                                fast_gemma.rope_table(T, g.head_dim, g.rope_base), local_mask,
                                kv_cache=(cache, cache, 0), outputs_from=2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's layout choice")
+def test_entry_points_convert_to_the_platform_layout_once():
+    """`ref.load`'s tree (NumPy, stacked) reaches the per-layer layout on the CPU by itself, converted
+    once while the caller's arrays live; bfloat16 layers stay stacked (as `fast.PaliGemma` keeps them)."""
+    import gc
+
+    config = ref.get_config("tiny-paligemma")
+    params = _params32(config, 1)
+    placed = fast.layout.for_platform(params)
+    assert isinstance(placed["llm"]["layers"], tuple) and len(placed["llm"]["layers"]) == config.llm.depth
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(placed))
+    assert fast.layout.for_platform(params) is placed  # the conversion is kept
+    assert fast.layout.for_platform(placed) is placed  # already in place: nothing to do
+    with fast.layout.as_given():
+        assert fast.layout.for_platform(params) is params
+    del params
+    gc.collect()
+    assert not fast.layout._converted  # the caller's arrays are gone, and so is the copy
+    bf16 = ref.cast_params(_params32(config, 1), ml_dtypes.bfloat16)
+    assert not isinstance(fast.layout.for_platform(bf16)["llm"]["layers"], tuple)
