@@ -33,7 +33,7 @@ def layer_segments(llm):
     tree with kept end layers has (`ref.quant.Keep`), in order; each stacked or per-layer."""
     out, start = [], 0
     for name in SEGMENTS:
-        if name in llm:
+        if name in llm and count(llm[name]):  # a middle segment may be empty (depth = 2 x end layers)
             layers = llm[name]
             out.append((layers, start))
             start += count(layers)
@@ -79,8 +79,8 @@ def stack_layers(params):
 def run_layers(llm, x, layer_step, caches=None, outputs_from=0):
     """Every layer of `llm` over x, in order: (x, the layers' updated caches or None).
 
-    layer_step(queries_from) -> step(x, (params_l, index, cache_l)) -> (x, cache update), the
-      body of one layer, which only the last layer gets with queries_from > 0.
+    layer_step(outputs_from) -> step(x, (params_l, index, cache_l)) -> (x, cache update), the
+      body of one layer, which only the last layer gets with outputs_from > 0.
     caches: None or (k, v) [L, ...]; each layer gets its own (k[i], v[i]).
     outputs_from: the last layer computes rows >= this only (its step from `layer_step(outputs_from)`).
     """
