@@ -32,7 +32,7 @@ from generate_speed import bench_config
 def random_llm(config, seed=0):
     """`{"llm": ...}` with float32 N(0, 0.02) weights of `config.llm` (norm scales 0), per-layer buffers."""
     import jax
-    from paligemma.fast import gemma
+    from paligemma.fast import layout
     from paligemma.ref import params as ref_params
 
     rng = np.random.default_rng(seed)
@@ -44,7 +44,7 @@ def random_llm(config, seed=0):
         w = np.zeros(shape, np.float32) if "norm" in key else rng.standard_normal(shape, np.float32) * 0.02
         flat[key] = jax.device_put(w)
         del w
-    return gemma.unstack_layers(ref_params.unflatten(flat))
+    return layout.unstack_layers(ref_params.unflatten(flat))
 
 
 def main():

@@ -193,17 +193,26 @@ class FastImpl(Impl):
         config, params = ref.load(self.args.weights)
         assert config.vision == self.config.vision and config.llm == self.config.llm, (config, self.config)
         # "fast": per-layer weight buffers, the layout `fast.PaliGemma` uses on CPU;
-        # "fast-stacked": the stacked layers `ref.load` returns, run under `lax.scan`.
+        # "fast-stacked": the stacked layers `ref.load` returns, run under `lax.scan` (the library's
+        #   own layout choice switched off);
+        # "fast-readme": the README's call, `fast.generate(params, ...)` on `ref.load`'s NumPy tree
+        #   as it is: whatever the library does with it (`fast.layout.for_platform`) is timed.
+        kind = self.args.worker.split("[")[0]
         self.layout = "stacked"
-        if not self.args.worker.startswith("fast-stacked") and hasattr(fast, "unstack_layers"):
-            params, self.layout = fast.unstack_layers(params), "per-layer"
-        # Device arrays once, one tensor at a time: NumPy arguments would be copied on every call.
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        del params
-        for i in range(len(leaves)):
-            leaves[i] = jax.block_until_ready(jax.device_put(leaves[i]))
-        self.params = jax.tree_util.tree_unflatten(treedef, leaves)
-        del leaves
+        if kind == "fast-stacked" and hasattr(fast, "layout") and hasattr(fast.layout, "AUTO"):
+            fast.layout.AUTO = False
+        if kind == "fast-readme":
+            self.params, self.layout = params, "as ref.load returns them (NumPy, stacked)"
+        else:
+            if kind == "fast" and hasattr(fast, "unstack_layers"):
+                params, self.layout = fast.unstack_layers(params), "per-layer"
+            # Device arrays once, one tensor at a time: NumPy arguments would be copied on every call.
+            leaves, treedef = jax.tree_util.tree_flatten(params)
+            del params
+            for i in range(len(leaves)):
+                leaves[i] = jax.block_until_ready(jax.device_put(leaves[i]))
+            self.params = jax.tree_util.tree_unflatten(treedef, leaves)
+            del leaves
         P = config.vision.num_patches
 
         @functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens"))
@@ -218,8 +227,11 @@ class FastImpl(Impl):
 
     def prefill(self, batch):
         images, tokens, mask_ar, input_mask = self.batch_inputs(batch)
+        params = self.params
+        if hasattr(self.fast, "layout") and hasattr(self.fast.layout, "for_platform"):
+            params = self.fast.layout.for_platform(params)  # what `fast.generate` runs on these params
         _, logits, next_token = self.jax.block_until_ready(self._prefill(
-            self.params, images, tokens.astype(np.int32), mask_ar.astype(np.int32), input_mask, config=self.config,
+            params, images, tokens.astype(np.int32), mask_ar.astype(np.int32), input_mask, config=self.config,
             policy=self.policy, max_new_tokens=self.args.new_tokens))
         return np.asarray(next_token), np.asarray(logits[0])
 
@@ -317,7 +329,8 @@ class FloorImpl:
         return {"peak": _rss(), "info": {}}
 
 
-IMPLS = {"ref": RefImpl, "fast": FastImpl, "fast-stacked": FastImpl, "hf": HFImpl, "floor": FloorImpl}
+IMPLS = {"ref": RefImpl, "fast": FastImpl, "fast-stacked": FastImpl, "fast-readme": FastImpl, "hf": HFImpl,
+         "floor": FloorImpl}
 
 
 def worker_main(args):
@@ -402,7 +415,8 @@ def run(args):
             specs.append((name, name, {}, ()))
     for variant in args.fast_variant:  # label=PATH: a `paligemma` package to import instead
         label, path = variant.split("=", 1)
-        specs.append((f"fast[{label}]", f"fast[{label}]", {"PYTHONPATH": os.path.abspath(path)}, ()))
+        for kind in args.variant_impls:
+            specs.append((f"{kind}[{label}]", f"{kind}[{label}]", {"PYTHONPATH": os.path.abspath(path)}, ()))
     impl_names = [s[0] for s in specs if s[0] != "floor"]
 
     results = {"config": config.name, "started": started, "machine": machine_info(), "args": vars(args),
@@ -599,14 +613,16 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rounds-large", type=int, default=3, help="rounds that also time batch sizes > 1")
-    parser.add_argument("--impls", nargs="+", default=["ref", "fast", "fast-stacked", "hf"],
-                        choices=["ref", "fast", "fast-stacked", "hf"])
+    parser.add_argument("--impls", nargs="+", default=["ref", "fast", "fast-stacked", "fast-readme", "hf"],
+                        choices=["ref", "fast", "fast-stacked", "fast-readme", "hf"])
     parser.add_argument("--hf-attn", nargs="+", default=["sdpa"], choices=["sdpa", "eager"],
                         help="transformers attention implementation(s); several run as separate workers")
     parser.add_argument("--fast-compute", default="float32", choices=["float32", "bfloat16"],
                         help="fast.Policy compute and cache dtype")
     parser.add_argument("--fast-variant", action="append", default=[], metavar="LABEL=PATH",
                         help="also run `fast` importing the `paligemma` package found in PATH (a patched copy)")
+    parser.add_argument("--variant-impls", nargs="+", default=["fast"], choices=["fast", "fast-stacked", "fast-readme"],
+                        help="the fast workers each --fast-variant runs")
     parser.add_argument("--quiet", type=float, default=0.25,
                         help="before each measurement, wait until other processes use less than this share of the CPU")
     parser.add_argument("--max-wait", type=float, default=90.0, help="longest wait for --quiet, seconds")

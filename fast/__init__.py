@@ -6,7 +6,7 @@ Same file names, function names and parameter tree as `paligemma.ref`; runtime c
 
 from .decode import extend, generate, prefill
 from .engine import Engine, Request
-from .gemma import stack_layers, unstack_layers
+from .layout import stack_layers, unstack_layers
 from .model import forward
 from .pipeline import PaliGemma
 from .policy import BFLOAT16, FLOAT32, Policy

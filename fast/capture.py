@@ -23,13 +23,13 @@ from paligemma.ref import capture
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import validate_inputs
 
-from . import gemma, model
+from . import layout, model
 from .policy import FLOAT32, Policy
 
 
 def _forward(params, images, tokens, mask_ar, input_mask, config, policy, names, probs):
     with capture.recording(names, probs) as recorder:
-        params = gemma.unstack_layers(params)  # per-layer slices, an unrolled loop
+        params = layout.unstack_layers(params)  # per-layer slices, an unrolled loop
         model.forward_body(params, images, tokens, mask_ar, input_mask, config, policy)
     return recorder.values
 

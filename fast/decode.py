@@ -19,7 +19,7 @@ from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import Generation, Sampler, validate_generate_args
 from paligemma.ref.model import num_image_tokens
 
-from . import gemma, sharding
+from . import gemma, layout, sharding
 from .mask import sliding_window
 from .model import embed_image_and_text, jit_model, join_image_and_text, prefix_lm_masks
 from .policy import FLOAT32, Policy
@@ -219,11 +219,14 @@ def generate(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mas
     "data=2,model=4" (`fast.sharding`): parameters not yet on it are placed by the rule table
     (`sharding.place_params`; place them once yourself to avoid doing it per call), examples are
     split over data and fsdp (the batch padded with copies of its last example to a multiple).
+    params: either layout, NumPy or device arrays; they run in this platform's layout
+    (`layout.for_platform`: per-layer buffers for float32 weights on the CPU, converted once).
     """
     images, tokens, mask_ar, input_mask, sampler = validate_generate_args(
         config, images, tokens, mask_ar, input_mask, max_new_tokens, sampler)
     inputs = [images, tokens.astype(np.int32), mask_ar.astype(np.int32), input_mask]
     params, inputs, policy = sharding.on_mesh(params, inputs, policy, mesh)
+    params = layout.for_platform(params, policy.mesh)
     out, logp = _generate(params, *inputs, jax.random.PRNGKey(seed), config, policy, int(max_new_tokens), sampler)
     out, logp = (x[: len(tokens)] for x in sharding.to_host((out, logp)))
     return Generation(out.astype(np.int64), logp.astype(np.float64))

@@ -6,7 +6,7 @@ a matrix-vector product that reads the weight in place, but 2 <= B <= 16 as a GE
 although both read the same bytes (bench/decode_rows.py). `quant_cpu.dense_columns` /
 `dense_rows` read each weight element once for all rows. `fast.quant.routed` sends a float weight
 here when `applies`; `fast.quant.per_group`, `matmul` and `logits` then call the functions below,
-so `fast.gemma` keeps one seam for every non-XLA product.
+so `fast.linear.einsum` stays the one seam for every weight product.
 
 Where it applies (`applies`): the CPU without a mesh (`tiles`, as for the quantized kernels),
 x and w both float32, MIN_ROWS..MAX_ROWS rows of x, the library built. Everything else (B = 1,
@@ -75,7 +75,7 @@ _rows.defvjp(_rows_fwd, _rows_bwd)
 
 
 def group_dot(x, w):
-    """`einsum("BTD,GDO->GBTO")`: x [B, T, D], w [G, D, O] -> [G, B, T, O] (`fast.gemma._per_group`)."""
+    """`einsum("BTD,GDO->GBTO")`: x [B, T, D], w [G, D, O] -> [G, B, T, O] (`fast.linear._per_group`)."""
     B, T, D = x.shape
     G, _, O = w.shape
     xs = jnp.broadcast_to(x.reshape(1, B * T, D), (G, B * T, D))  # [G, M, D]

@@ -47,7 +47,7 @@ from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.decode import check_context, parse_sampler
 from paligemma.ref.model import num_image_tokens
 
-from . import lockstep, pool, sharding
+from . import layout, lockstep, pool, sharding
 from .decode import CACHE_ALIGNMENT, KVCache
 from .pool import SAMPLER_KINDS
 from .policy import FLOAT32, Policy
@@ -102,7 +102,7 @@ class Engine:
     """A pool of decode slots over one model; see the module docstring.
 
     Args:
-      params: the parameter tree, on the device(s) (as `fast.PaliGemma` holds it), either layout.
+      params: the parameter tree, either layout (run in this platform's: `layout.for_platform`).
       config: its `PaliGemmaConfig` (vocabulary fitted to the tokenizer).
       slots: decode rows in the pool (B).
       max_seq: cache columns per slot (S): the most image tokens + prompt + new tokens a request
@@ -129,7 +129,7 @@ class Engine:
         self.config, self.slots, self.max_seq = config, int(slots), max_seq
         mesh = sharding.mesh_from(policy.mesh if mesh is None else mesh)
         self.policy = policy if mesh is None else dataclasses.replace(policy, mesh=mesh)
-        self.params = params if mesh is None else sharding.place_params(params, mesh)
+        self.params = layout.for_platform(params) if mesh is None else sharding.place_params(params, mesh)
         # On a mesh every batch (slots, a prefill, an image encoding) splits evenly over data x fsdp.
         self._multiple = 1 if self.policy.mesh is None else sharding.batch_multiple(self.policy.mesh)
         if self.slots % self._multiple:

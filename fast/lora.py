@@ -16,19 +16,20 @@ gate/up projections, which get separate adapters):
 
 Adapters are a nested dict with the weights' paths, each leaf a `{"lora_a", "lora_b"}` pair,
 stacked on the layer axis L like the weights. In training the adapters are applied beside the
-frozen weights, `x W + (alpha / rank) (x A) B` (`attach`, `paligemma.fast.gemma`'s layers), as PEFT
-does: merging them into W inside the step would make XLA compute every adapted weight's full
-gradient (`merge` is for export only).
+frozen weights, `x W + (alpha / rank) (x A) B`, as PEFT does: `attach` makes each adapted weight a
+`fast.linear.LoRA`, a kind of weight the one product seam (`linear.einsum`) multiplies, so the
+model's own layers run it. Merging the adapters into W inside the step would make XLA compute every
+adapted weight's full gradient (`merge` is for export only).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma.ref.config import GemmaConfig, uses_sliding_window
+from paligemma.ref.config import GemmaConfig
 from paligemma.ref.params import flatten, unflatten
 
 from . import gemma
+from .linear import LoRA
 from .policy import Policy
 
 # weight path under llm/layers -> (einsum of one layer, A's axes, B's axes, fan-in axes of W); the
@@ -99,43 +100,24 @@ def merge(params, adapters, scale):
 
 
 def attach(llm_layers, adapters, scale):
-    """`llm_layers` with every adapted weight W replaced by `{"w": W, "lora_a", "lora_b", "scale"}`,
-    which `paligemma.fast.gemma`'s layers apply as `x W + scale (x A) B` (never forming W + A B)."""
+    """`llm_layers` with every adapted weight W replaced by `LoRA(W, A, B, scale)`, which
+    `fast.linear.einsum` applies as `x W + scale (x A) B` (never forming W + A B). Stacked
+    layers stay stacked: the [L, ...] leaves of a `LoRA` scan like plain weights."""
     flat, flat_adapters = dict(flatten(llm_layers)), flatten(adapters)
     for name in TARGETS:
-        flat[name] = {"w": flat[name], "lora_a": flat_adapters[f"{name}/lora_a"],
-                      "lora_b": flat_adapters[f"{name}/lora_b"], "scale": scale}
+        flat[name] = LoRA(flat[name], flat_adapters[f"{name}/lora_a"], flat_adapters[f"{name}/lora_b"], scale)
     return unflatten(flat)
+
+
+def adapted(llm, adapters, scale):
+    """The `llm` subtree with `attach`ed layers, for `gemma.transformer`."""
+    return {**llm, "layers": attach(llm["layers"], adapters, scale)}
 
 
 def transformer(params, adapters, scale, x, positions, attn_mask, config: GemmaConfig, policy: Policy, rope,
                 local_mask=None, outputs_from=0):
-    """`paligemma.fast.gemma.transformer` (no KV cache) with the adapters applied beside the frozen
-    weights (`attach`), one layer at a time.
-
-    Args:
-      params: the `llm` subtree (stacked layers); adapters: `init_adapters`'s tree; scale: alpha / rank;
-      the rest as `gemma.transformer` (outputs_from: its last layer asks queries from there on).
-    Returns:
-      pre-logits [B, T - outputs_from, D].
-    """
-    windowed = config.sliding_window is not None
-
-    def layer_step(queries_from):
-        def step(x, layer):
-            params_l, adapters_l, index = layer
-            params_l = attach(params_l, adapters_l, scale)
-            mask = jnp.where(uses_sliding_window(config, index), local_mask, attn_mask) if windowed else attn_mask
-            x, _ = gemma.block(params_l, x, positions, mask, config, policy, rope, queries_from=queries_from)
-            return x, None
-        return jax.checkpoint(step) if policy.remat == "full" else step
-
-    layers, depth = (params["layers"], adapters), config.depth
-    if outputs_from:  # the last layer apart (see gemma.transformer)
-        last = jax.tree_util.tree_map(lambda w: w[-1], layers)
-        layers, depth = jax.tree_util.tree_map(lambda w: w[:-1], layers), depth - 1
-    if depth:
-        x, _ = jax.lax.scan(layer_step(0), x, (*layers, jnp.arange(depth)))
-    if outputs_from:
-        x, _ = layer_step(outputs_from)(x, (*last, jnp.int32(depth)))  # [B, T - outputs_from, D]
-    return gemma.rms_norm(x, params["final_norm"]["scale"], config.norm_eps)
+    """`gemma.transformer` (no KV cache) on `adapted(params, adapters, scale)`: pre-logits
+    [B, T - outputs_from, D]."""
+    llm = adapted(params, adapters, scale)
+    return gemma.transformer(llm, x, positions, attn_mask, config, policy, rope, local_mask,
+                             outputs_from=outputs_from)[0]

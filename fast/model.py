@@ -14,7 +14,7 @@ from paligemma.ref.capture import record
 from paligemma.ref.config import PaliGemmaConfig
 from paligemma.ref.model import num_image_tokens, validate_inputs
 
-from . import gemma, quant, sharding, siglip
+from . import gemma, layout, quant, sharding, siglip
 from .mask import make_attn_mask, positions_from_mask, same_block, sliding_window
 from .policy import FLOAT32, Policy
 
@@ -129,7 +129,7 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
 
     Args:
       params: `{"img": ..., "llm": ...}` (NumPy or JAX arrays, float32 or bfloat16; `llm/layers`
-        stacked or per-layer, see `gemma.unstack_layers`).
+        stacked or per-layer: they run in this platform's layout, `layout.for_platform`).
       images: [B, R, R, 3] or [B, F, R, R, 3] in [-1, 1]; tokens, mask_ar, input_mask: [B, T] as in
         `ref.forward`.
       policy: compute / cache dtypes, attention implementation, remat.
@@ -140,5 +140,6 @@ def forward(params, config: PaliGemmaConfig, images, tokens, mask_ar, input_mask
     images, tokens, mask_ar, input_mask = validate_inputs(config, images, tokens, mask_ar, input_mask)
     inputs = [images, tokens.astype("int32"), mask_ar.astype("int32"), input_mask]
     params, inputs, policy = sharding.on_mesh(params, inputs, policy, mesh)
+    params = layout.for_platform(params, policy.mesh)
     logits = _forward(params, *inputs, config, policy)  # [B', T, V]
     return logits if len(logits) == len(tokens) else logits[: len(tokens)]

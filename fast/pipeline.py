@@ -41,7 +41,7 @@ from paligemma.ref.params import flatten, tree_map
 from . import sharding
 from .decode import generate as fast_generate
 from .engine import Engine, Request
-from .gemma import unstack_layers
+from .layout import unstack_layers
 from .quant import check_tree
 from .policy import BFLOAT16, FLOAT32
 

@@ -2,7 +2,7 @@
 
 A quantized weight is `{"q": ..., "scale": ...}` in place of the float array (`ref.quant.quantize_tree`);
 int8 and int4 are told apart by q's dtype (int8 / uint8), as `ref.quant.dequantize_tree` does.
-`fast.gemma` and `fast.siglip` call these functions where a weight is such a dict; the numbers
+`fast.linear.einsum` (the seam of every weight product) calls these where a weight is such a dict; the numbers
 are those of the float path on `ref.quant.dequantize_tree(qtree)` up to float32 reassociation
 (tests/test_quant_fast.py).
 
@@ -60,7 +60,7 @@ def is_quantized_tree(params):
 
 
 def routed(w, x, tiles=True, logits=False):
-    """Whether `fast.gemma` multiplies x by w here (`per_group`, `matmul`, `logits`: say so): a
+    """Whether `fast.linear.einsum` multiplies x by w here (`per_group`, `matmul`, `logits`: say so): a
     quantized w, or a float32 one with a few rows of x on the CPU (`fast.dense.applies`: batched decoding)."""
     return is_quantized(w) or dense.applies(w, x, tiles, logits)
 
@@ -246,7 +246,7 @@ def _chunked_dot(x, q, scale):
 
 def per_group(x, w, tiles=True):
     """`einsum("BTD,...DO->...BTO")` for a quantized w [G..., D, O] (int4: [G..., Dp/2, O]),
-    the leading axes merged into one G: returns [G, B, T, O] (`fast.gemma._per_group`'s layout).
+    the leading axes merged into one G: returns [G, B, T, O] (`fast.linear._per_group`'s layout).
     A float w [G, D, O] (`routed`) goes to `fast.dense`."""
     if not is_quantized(w):
         return dense.group_dot(x, w)

@@ -13,19 +13,15 @@ from paligemma.ref import capture
 from paligemma.ref.capture import record
 from paligemma.ref.config import VisionConfig
 
-from . import quant
+from . import linear
 from .attention import attend
 from .ops import cast
 from .policy import Policy
 
 
-def _dense(x, w, spec, policy=None, contracted=1):
-    """`einsum(spec, x, w)` for a float weight, `quant.matmul` for a quantized one (its first
-    `contracted` axes summed over, e.g. 2 for out [N, H, W]; x's last `contracted` axes likewise)."""
-    if not quant.is_quantized(w):
-        return jnp.einsum(spec, x, cast(w, x))
-    lead = x.shape[: x.ndim - contracted]
-    return quant.matmul(x.reshape(lead + (-1,)), w, contracted, quant.tiled(policy))
+def _dense(x, w, spec, policy=None):
+    """`einsum(spec, x, w)` for a weight of any kind (`linear.einsum`)."""
+    return linear.einsum(spec, x, w, None if policy is None else policy.mesh)
 
 
 def patch_embed(params, images, patch_size):
@@ -66,7 +62,7 @@ def attention(params, x, policy: Policy = None):
         logits = jnp.einsum("BPNH,BSNH->BNPS", q * jnp.asarray(H**-0.5, x.dtype), k).astype(jnp.float32)
         probs = record("attn_probs", jax.nn.softmax(logits, axis=-1).astype(x.dtype))  # [B, N, P, S]
         enc = jnp.einsum("BNPS,BSNH->BPNH", probs, v)  # [B, P, N, H]
-    out = _dense(enc, params["out"]["kernel"], "BPNH,NHW->BPW", policy, contracted=2)  # [B, P, W]
+    out = _dense(enc, params["out"]["kernel"], "BPNH,NHW->BPW", policy)  # [B, P, W]
     return out + cast(params["out"]["bias"], x)
 
 

@@ -160,7 +160,7 @@ def split_params(params, config: TrainConfig, pattern=None):
 
 def join_params(trainable, frozen, config: TrainConfig):
     """The whole parameter tree from `split_params`'s halves (LoRA: the frozen tree itself;
-    adapters are applied in the layer scan, or folded in by `merged_params`)."""
+    adapters are attached to the layer weights by `model_pre_logits`, or folded in by `merged_params`)."""
     if config.trainable == "lora":
         return frozen
     return unflatten({**flatten(frozen), **flatten(trainable)})
@@ -211,12 +211,8 @@ def model_pre_logits(trainable, frozen, images, text, mask_ar, model_config: Pal
     rope = gemma.rope_table(x.shape[1], g.head_dim, g.rope_base)
     text_from = x.shape[1] - tokens.shape[1]  # after P or F x P image tokens
     # Only the text's outputs are needed: the last layer skips the image rows' queries and MLP.
-    if config.trainable == "lora":
-        pre = lora.transformer(params["llm"], trainable, config.lora_scale, x, positions, attn_mask, g, policy,
-                               rope, local_mask, outputs_from=text_from)
-    else:
-        pre, _ = gemma.transformer(params["llm"], x, positions, attn_mask, g, policy, rope, local_mask,
-                                   outputs_from=text_from)
+    llm = lora.adapted(params["llm"], trainable, config.lora_scale) if config.trainable == "lora" else params["llm"]
+    pre, _ = gemma.transformer(llm, x, positions, attn_mask, g, policy, rope, local_mask, outputs_from=text_from)
     return pre, params  # [B, T, D]
 
 

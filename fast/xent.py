@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import gemma
+from . import linear
 
 SLAB = 8192
 
@@ -36,7 +36,7 @@ def slabs(V, target=SLAB):
     ceil(V / ceil(V / target)) rows and the table padded with zero rows to a multiple of it."""
     if V <= target:
         return V, 0
-    divisor = gemma.vocab_slab(V, target)
+    divisor = linear.vocab_slab(V, target)
     if divisor >= target // 4:
         return divisor, 0
     n = -(-V // target)

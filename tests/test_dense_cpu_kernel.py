@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paligemma import ref
-from paligemma.fast import decode, dense, gemma
+from paligemma.fast import decode, dense, gemma, layout
 from paligemma.fast.policy import FLOAT32
 from paligemma.kernels import quant_cpu
 from paligemma.parity.tolerances import FAST_FLOAT32, assert_close
@@ -118,7 +118,7 @@ def test_extend_at_batch_8_equals_the_xla_path(name):
     _require_kernel()
     config = ref.get_config(name)
     g, B, S = config.llm, 8, 32
-    params = gemma.unstack_layers(jax.tree_util.tree_map(jnp.asarray, ref.init_params(config, seed=0, dtype=np.float32,
+    params = layout.unstack_layers(jax.tree_util.tree_map(jnp.asarray, ref.init_params(config, seed=0, dtype=np.float32,
                                                                                       random_norms=True)))
     rng = np.random.default_rng(1)
     kv = (g.depth, B, S, g.num_kv_heads, g.head_dim)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from paligemma import fast, ref
 from paligemma.fast import decode as fast_decode
 from paligemma.fast import gemma as fast_gemma
+from paligemma.fast import linear as fast_linear
 from paligemma.fast.model import converts_weights
 from paligemma.parity.strategies import configs, prompts
 from paligemma.parity.tolerances import FLOAT32_REORDERED, assert_close
@@ -38,13 +39,14 @@ def test_per_layer_buffers_compute_what_the_stacked_layers_compute(data):
     per_layer = fast.unstack_layers(stacked)
     assert isinstance(per_layer["llm"]["layers"], tuple) and len(per_layer["llm"]["layers"]) == config.llm.depth
 
-    want = np.asarray(fast.forward(stacked, config, *prompt))
-    got = np.asarray(fast.forward(per_layer, config, *prompt))
-    assert_close(got, want, FLOAT32_REORDERED, "forward: per-layer vs stacked", 0.0)
+    with fast.layout.as_given():  # the entry points would otherwise pick one layout for both
+        want = np.asarray(fast.forward(stacked, config, *prompt))
+        got = np.asarray(fast.forward(per_layer, config, *prompt))
+        assert_close(got, want, FLOAT32_REORDERED, "forward: per-layer vs stacked", 0.0)
 
-    sampler = data.draw(st.sampled_from(["greedy", "beam(2)"]))
-    want = fast.generate(stacked, config, *prompt, max_new_tokens=4, sampler=sampler)
-    got = fast.generate(per_layer, config, *prompt, max_new_tokens=4, sampler=sampler)
+        sampler = data.draw(st.sampled_from(["greedy", "beam(2)"]))
+        want = fast.generate(stacked, config, *prompt, max_new_tokens=4, sampler=sampler)
+        got = fast.generate(per_layer, config, *prompt, max_new_tokens=4, sampler=sampler)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
 
@@ -96,7 +98,7 @@ def test_logits_in_vocabulary_slabs_equal_one_product(V, T, cap, seed):
     pre = rng.standard_normal((2, T, D)).astype(np.float32)
     config = dataclasses.replace(ref.get_config("tiny-paligemma").llm, width=D, vocab_size=V,
                                  final_logits_softcap=cap)
-    assert V % fast_gemma.vocab_slab(V) == 0 and 1024 <= fast_gemma.vocab_slab(V) <= 8192
+    assert V % fast_linear.vocab_slab(V) == 0 and 1024 <= fast_linear.vocab_slab(V) <= 8192
     got = np.asarray(jax.jit(fast_gemma.logits, static_argnums=2)(
         {"embedder": {"input_embedding": jnp.asarray(table)}}, jnp.asarray(pre), config))
     want = np.einsum("btd,vd->btv", pre.astype(np.float64), table.astype(np.float64))
@@ -108,7 +110,7 @@ def test_logits_in_vocabulary_slabs_equal_one_product(V, T, cap, seed):
 
 @given(st.integers(1, 300_000))
 def test_vocab_slab_is_the_largest_divisor_up_to_8192(V):
-    slab = fast_gemma.vocab_slab(V)
+    slab = fast_linear.vocab_slab(V)
     assert V % slab == 0 and slab <= 8192
     assert not any(V % d == 0 for d in range(slab + 1, min(V, 8192) + 1))
 
@@ -200,3 +202,25 @@ def test_outputs_from_refuses_a_kv_cache():
         fast_gemma.transformer(params["llm"], x, positions, attn_mask, g, fast.Policy(),
                                fast_gemma.rope_table(T, g.head_dim, g.rope_base), local_mask,
                                kv_cache=(cache, cache, 0), outputs_from=2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's layout choice")
+def test_entry_points_convert_to_the_platform_layout_once():
+    """`ref.load`'s tree (NumPy, stacked) reaches the per-layer layout on the CPU by itself, converted
+    once while the caller's arrays live; bfloat16 layers stay stacked (as `fast.PaliGemma` keeps them)."""
+    import gc
+
+    config = ref.get_config("tiny-paligemma")
+    params = _params32(config, 1)
+    placed = fast.layout.for_platform(params)
+    assert isinstance(placed["llm"]["layers"], tuple) and len(placed["llm"]["layers"]) == config.llm.depth
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(placed))
+    assert fast.layout.for_platform(params) is placed  # the conversion is kept
+    assert fast.layout.for_platform(placed) is placed  # already in place: nothing to do
+    with fast.layout.as_given():
+        assert fast.layout.for_platform(params) is params
+    del params
+    gc.collect()
+    assert not fast.layout._converted  # the caller's arrays are gone, and so is the copy
+    bf16 = ref.cast_params(_params32(config, 1), ml_dtypes.bfloat16)
+    assert not isinstance(fast.layout.for_platform(bf16)["llm"]["layers"], tuple)
