@@ -19,7 +19,8 @@ Reported: throughput (the requests' own tokens per second of wall time), time to
 and time per output token (p50, p95; only a streaming server has them: for the others the
 whole answer arrives at once), the engine's decode step with 8 active slots against the read
 floor (the language model's float32 weights read once at the best bandwidth of a matrix-vector
-product over 1 GiB, measured in the same run), and peak RSS against weights + KV cache.
+product over 1 GiB, measured in the same run), and peak RSS against weights + KV cache: while
+serving (after every program has compiled and run once) and while warming up.
 Each system runs in its own process, one after another; the machine should be otherwise idle.
 """
 
@@ -60,11 +61,12 @@ def percentiles(values):
 def fast_worker(args):
     import jax
     from paligemma import fast, ref
+    from paligemma.fast import layout
     from paligemma.fast.engine import Engine, Request
 
     config = bench_config(args.vision_depth, args.text_depth)
     _, loaded = ref.load(args.weights)
-    params = jax.tree_util.tree_map(jax.device_put, fast.unstack_layers(loaded))
+    params = layout.for_platform(loaded)  # per-layer device buffers of their own, as fast.PaliGemma.load places them
     del loaded
     reset_peak()  # peak RSS from here on: the served model, not the loading
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -95,6 +97,8 @@ def fast_worker(args):
         idle = engine.submit(Request(*requests[1][:2], None, 2))
         idle.result()
         idle_ttft = idle.first_token_at - idle.submitted
+        warm_rss = peak_rss()  # so far: loading's end, compiling, the programs' first runs
+        reset_peak()
         steps.clear()
         t0 = time.perf_counter()
         streams = []
@@ -112,7 +116,7 @@ def fast_worker(args):
         full = [t for a, t in steps if a == min(8, slots)]
         return dict(system=f"engine {slots}" + (" (b)" if rate else ""), wall=wall, tokens_per_s=useful / wall,
                     ttft=percentiles(ttft), tpot=percentiles(tpot), idle_ttft=idle_ttft,
-                    step_full=float(np.median(full)) if full else None, rss=peak_rss(),
+                    step_full=float(np.median(full)) if full else None, rss=peak_rss(), warm_rss=warm_rss,
                     cache_bytes=2 * engine._cache.k.nbytes, programs=len(engine.prefill_sizes) + 1)
 
     rate = None
@@ -139,6 +143,7 @@ def fast_worker(args):
         # `fast.generate` compiles one program per (batch size, max_new_tokens): all of them before timing.
         for n in sorted({max(r[2] for r in batch) for batch in batches}):
             run_generate([(image, tokens, n) for image, tokens, _ in batches[0]])
+        reset_peak()
         t0 = time.perf_counter()
         for batch in batches:
             run_generate(batch)
@@ -183,6 +188,10 @@ def hf_worker(args):
 # --- The parent -----------------------------------------------------------------------------
 
 
+def _gb(x):
+    return "-" if x is None else f"{x / 1e9:.2f}"
+
+
 def _ms(x):
     return "-" if x is None else f"{1000 * x:.0f}"
 
@@ -196,15 +205,15 @@ def report(fast, hf, args):
           f"{1000 * fast['floor']:.0f} ms per step ({fast['read_bw'] / gb:.1f} GB/s, {fast['read_how']}); weights "
           f"{fast['weights_bytes'] / gb:.2f} GB")
     print("| system | wall s | tokens/s | x sequential | TTFT p50 / p95 ms | TPOT p50 / p95 ms | "
-          "8-slot step / floor | peak RSS GB (weights + cache + 1) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "8-slot step / floor | peak RSS GB serving (weights + cache + 1) | peak RSS GB warming up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ttft = "-" if "ttft" not in r else f"{_ms(r['ttft'][0])} / {_ms(r['ttft'][1])} (idle {_ms(r['idle_ttft'])})"
         tpot = "-" if "tpot" not in r else f"{_ms(r['tpot'][0])} / {_ms(r['tpot'][1])}"
         step = "-" if not r.get("step_full") else f"{_ms(r['step_full'])} ms = {r['step_full'] / fast['floor']:.2f}x"
         budget = "" if "cache_bytes" not in r else f" ({(fast['weights_bytes'] + r['cache_bytes']) / gb + 1:.2f})"
         print(f"| {r['system']} | {r['wall']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / seq:.2f} | {ttft} | "
-              f"{tpot} | {step} | {r['rss'] / gb:.2f}{budget} |")
+              f"{tpot} | {step} | {r['rss'] / gb:.2f}{budget} | {_gb(r.get('warm_rss'))} |")
     if "hf static 8" in by and "engine 8" in by:
         print(f"engine 8 / hf static 8: {by['engine 8']['tokens_per_s'] / by['hf static 8']['tokens_per_s']:.2f}x")
 
