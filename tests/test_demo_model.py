@@ -74,10 +74,14 @@ def test_held_out_accuracy_beats_image_blind_answers(tmp_path, metrics):
     assert got["count_exact"] > best_constant("count") + 0.1
     # An empty answer, or one box at a fixed place, scores about 0 on both.
     assert got["detect_box_iou"] > 0.05 and got["segment_mask_iou"] > 0.03
-    assert got["detect_objects_with_errors"] == 0 and got["segment_objects_with_errors"] == 0
-    # docs/demo.md's numbers come from 250 other scenes; 60 scenes land near them.
-    for key in ("caption_exact", "count_exact"):
-        assert abs(got[key] - metrics[key]) < 0.2, (key, got[key], metrics[key])
+    # The shipped model's 250-scene scores (docs/demo.md: 85.2%, 98.4%, 87.9%, 0.787, 0.762) less
+    # about 3.5 standard errors of a 60-scene sample: what a model that really scores so passes.
+    bounds = {"caption_exact": 0.65, "count_exact": 0.90, "detect_box_recall@0.5": 0.70, "detect_box_iou": 0.62,
+              "segment_mask_iou": 0.58, "detect_empty_correct": 0.9, "segment_empty_correct": 0.9}
+    low = {k: (round(got[k], 3), b) for k, b in bounds.items() if not got[k] >= b}
+    assert not low, f"below the bounds (got, bound): {low}"
+    # At most one malformed object in 60 scenes (the 250-scene run had one per task).
+    assert got["detect_objects_with_errors"] * 60 <= 1 and got["segment_objects_with_errors"] * 60 <= 1
 
 
 def test_demo_command_runs_the_shipped_model(tmp_path, capsys):
