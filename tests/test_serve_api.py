@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from paligemma.fast.pipeline import PaliGemma
+from paligemma.parity.tolerances import FLOAT32_REORDERED, relative_error
 from paligemma.serve import Limits, build_app, inputs
 from paligemma.serve.outputs import TextStream, run_length
 
@@ -122,7 +123,8 @@ def test_native_detect_boxes_in_original_pixels(client, model):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["text"] == expected.text and out["tokens"] == expected.tokens.tolist()
-    np.testing.assert_allclose(out["logprobs"], expected.logprobs, rtol=1e-6)
+    # The engine batches rows, so sums may run in another order: parity/tolerances.py's bound for that.
+    assert relative_error(np.array(out["logprobs"]), expected.logprobs) <= FLOAT32_REORDERED.bound()
     assert out["image_size"] == [96, 96]
     locs = [int(v) for v in re.findall(r"<loc(\d{4})>", expected.text)]
     assert [v for o in out["objects"] for v in o["loc"]] == locs
