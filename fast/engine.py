@@ -153,6 +153,7 @@ class Engine:
         # the others run `follow`.
         self.processes = jax.process_count()
         self.leader = jax.process_index() == 0
+        self._released = False  # process 0 has sent STOP: the followers are gone, no collective may follow
         if self.processes > 1 and self.policy.mesh is None:
             raise ValueError(f"Engine: {self.processes} JAX processes need a mesh over their devices (mesh=...)")
         self.counters = collections.Counter()  # generated_tokens, image_cache_hits, image_cache_misses
@@ -230,6 +231,8 @@ class Engine:
         only process 0 steps; it sends the others each step's plan (`follow`)."""
         if not self.leader:
             raise RuntimeError("Engine: process 0 steps; the other processes run `follow()`")
+        if self._released:
+            raise RuntimeError("Engine: stopped; the other processes have left")
         with self._lock:
             cancelled = [b for b, slot in enumerate(self._active) if slot is not None and slot.stream.cancelled]
             for b in cancelled:
@@ -405,8 +408,9 @@ class Engine:
         self._release_followers()
 
     def _release_followers(self):
-        if self.processes > 1 and self.leader:
+        if self.processes > 1 and self.leader and not self._released:
             lockstep.send(lockstep.STOP)
+            self._released = True
 
     def _fail_all(self, error):
         with self._lock:
@@ -419,6 +423,8 @@ class Engine:
 
     def stop(self, drain=True, timeout=None):
         """Stops admitting; with `drain` finishes the requests in flight first, else cancels them."""
+        if self._released:  # stopped before: a second STOP would wait for followers that have left
+            return
         with self._lock:
             self._accepting, self._draining = False, drain
             if not drain:

@@ -319,6 +319,7 @@ if engine.leader:  # arrivals between steps, a cancel, slots reused: plans of ev
     streams.append(engine.submit(requests[5]))
     engine.run_until_idle()
     engine.stop()
+    engine.stop()  # a second stop returns at once (the followers have left: no collective)
     out = [dict(tokens=s.result(timeout=0).tokens.tolist(), logprobs=s.result(timeout=0).logprobs.tolist(),
                 reason=s.result(timeout=0).finish_reason) for s in streams]
     print("RESULT" + json.dumps(dict(out=out, processes=jax.process_count(), stats=engine.stats())))
