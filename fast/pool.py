@@ -16,30 +16,38 @@ from .model import embed_images, jit_model
 GREEDY, TEMPERATURE, TOP_K, NUCLEUS = range(4)
 SAMPLER_KINDS = {"greedy": GREEDY, "temperature": TEMPERATURE, "top_k": TOP_K, "nucleus": NUCLEUS}
 
+
 def sample_rows(logits, kinds, temperature, top_k, top_p, keys):
     """Each row's next token by its own sampler and random stream: [B, V] -> ([B], new keys [B, 2]).
 
     Row b computes what `fast.decode.sample` computes for that request alone (same cut rules,
-    same `categorical` on a [1, V] row), so seeded answers are the same tokens. The sort that
-    top-k and nucleus need runs only when some row asks for it.
+    same `categorical` on a [1, V] row), so seeded answers are the same tokens. Rows go one at a
+    time (`lax.map`) so that each pays only for its own sampler: a greedy row is one argmax, while
+    a [V] draw of Gumbel noise costs ~4 ms per row at PaliGemma's 257152 tokens (34 ms for 8 rows
+    on the 2-core CPU harness, a sixth of a decode step) and top-k / nucleus add a sort.
     """
     B, V = logits.shape
     pairs = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
     keys, subs = pairs[:, 0], pairs[:, 1]
-    scaled = logits / temperature[:, None]  # [B, V]
 
-    def cut(scaled):
-        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
-        kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)  # [B, 1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)  # [B, V]
-        inside = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1), V - 1)  # [B]
-        nucleus = jnp.take_along_axis(ordered, inside[:, None], axis=-1)  # [B, 1]
-        threshold = jnp.where(kinds[:, None] == TOP_K, kth, jnp.where(kinds[:, None] == NUCLEUS, nucleus, -jnp.inf))
+    def cut(scaled, kind, k, p):  # [V] -> [V]: below the row's threshold -> -inf
+        ordered = jnp.sort(scaled)[::-1]  # [V] descending
+        kth = ordered[jnp.clip(k - 1, 0, V - 1)]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered))  # [V]
+        nucleus = ordered[jnp.minimum(jnp.sum(cumulative < p), V - 1)]
+        threshold = jnp.where(kind == TOP_K, kth, nucleus)
         return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
-    scaled = jax.lax.cond(jnp.any((kinds == TOP_K) | (kinds == NUCLEUS)), cut, lambda s: s, scaled)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(subs, scaled)  # [B]
-    return jnp.where(kinds == GREEDY, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32), keys
+    def draw(row):
+        logit, kind, t, k, p, sub = row  # logit [V]
+        scaled = logit / t  # [V]
+        scaled = jax.lax.cond((kind == TOP_K) | (kind == NUCLEUS), cut, lambda s, *_: s, scaled, kind, k, p)
+        return jax.random.categorical(sub, scaled[None], axis=-1)[0].astype(jnp.int32)
+
+    def one(row):
+        return jax.lax.cond(row[1] == GREEDY, lambda r: jnp.argmax(r[0]).astype(jnp.int32), draw, row)
+
+    return jax.lax.map(one, (logits, kinds, temperature, top_k, top_p, subs)), keys  # [B]
 
 
 def choose(logits, samplers, keys):
