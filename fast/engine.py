@@ -10,9 +10,11 @@
 The pool: `slots` decode rows share one KV cache [L, B, S, K, H] (B = slots, S = max_seq). Each
 iteration of the scheduler (`step`) first admits waiting requests into free slots (one prefill
 for several arrivals that share a shape: the same number of images, the prompt length rounded up
-to a bucket), then advances every active slot by one token with ONE compiled decode step. A slot
-whose request ends (EOS, a stop id, max_new_tokens, a cancel) takes the next waiting request at
-the next iteration, without recompiling and without waiting for the others.
+to a bucket), then advances every active slot by one token with ONE compiled decode step. That
+step takes out the active slots' cache rows, padded with free ones to the next of a few sizes
+(`decode_sizes`: 1, 2, 4, ... slots), and puts them back: with 3 of 16 slots busy it computes 4
+rows, not 16. A slot whose request ends (EOS, a stop id, max_new_tokens, a cancel) takes the next
+waiting request at the next iteration, without recompiling and without waiting for the others.
 
 Why batching never changes an answer:
 - rows never meet: attention, masks, positions and sampling are all per row;
@@ -26,8 +28,9 @@ What may differ is float rounding (a batch of 8 rows can sum in another order th
 1), which `tests/test_engine.py` bounds with `parity/tolerances.py`. Beam search is not served
 here: its beams would share one request's rows; use `fast.generate`.
 
-Compiled programs (`fast.pool`; docs/serving.md): one decode step; one admission per (prefill batch size in
-`prefill_sizes`, image count, text bucket); one image encoder per image count.
+Compiled programs (`fast.pool`; docs/serving.md): one decode step per size in `decode_sizes`; one
+admission per (prefill batch size in `prefill_sizes`, image count, text bucket); one image encoder
+per image count.
 
 Axes: B slots, S cache columns, L layers, K kv heads, H head dim, V vocabulary, P image tokens,
 T text tokens, D width.
@@ -114,11 +117,14 @@ class Engine:
       prefill_sizes: batch sizes a prefill is padded to (several arrivals share one prefill).
       max_prefill_tokens: the most positions (padded batch x (image + text tokens)) one prefill
         computes; more arrivals of a shape wait for the next step. At least one request always fits.
+      decode_sizes: row counts a decode step is padded to (the active slots plus free ones); `slots`
+        is always one. Default: the prefill sizes below `slots`; on a mesh only `slots` (taking
+        rows out would move them between devices). `(slots,)`: one decode program for every step.
     """
 
     def __init__(self, params, config: PaliGemmaConfig, slots=8, max_seq=None, policy: Policy = FLOAT32,
                  mesh=None, image_cache=64, max_queue=None, prefill_sizes=None,
-                 max_prefill_tokens=MAX_PREFILL_TOKENS):
+                 max_prefill_tokens=MAX_PREFILL_TOKENS, decode_sizes=None):
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise ValueError(f"Engine: slots must be an integer >= 1, got {slots!r}")
         one_image = num_image_tokens(config, (1, config.vision.image_size, config.vision.image_size, 3))
@@ -138,6 +144,11 @@ class Engine:
         sizes = (prefill_sizes or (1, 2, 4, 8, 16))
         self.prefill_sizes = tuple(sorted({min(-(-s // self._multiple) * self._multiple, self.slots) for s in sizes}))
         self.max_queue, self.image_cache_size = max_queue, int(image_cache)
+        if self.policy.mesh is not None:
+            decode_sizes = ()
+        elif decode_sizes is None:
+            decode_sizes = self.prefill_sizes
+        self.decode_sizes = tuple(sorted({int(s) for s in decode_sizes if 1 <= s < self.slots} | {self.slots}))
         self.max_prefill_tokens = int(max_prefill_tokens)
         self._cache = self._empty_cache()
         B = self.slots
@@ -325,14 +336,26 @@ class Engine:
 
     def _decode_step(self):
         active = np.array([s is not None for s in self._active])
-        put = self._global
-        cache, tokens, logp, keys = pool.decode(self.params, self._cache, put(self._feed), put(active),
-                                            put(self._samplers), put(self._keys), config=self.config, policy=self.policy)
+        live = np.flatnonzero(active)
+        size = next(s for s in self.decode_sizes if s >= len(live))
+        # The active slots, padded with free ones (left as garbage: an admission overwrites a whole row).
+        rows = np.concatenate([live, np.flatnonzero(~active)[: size - len(live)]]).astype(np.int32)
+        put, samplers = self._global, tuple(a[rows] for a in self._samplers)
+        if size == self.slots:  # every slot, in slot order: no rows taken out and put back
+            rows = np.arange(self.slots, dtype=np.int32)
+            cache, tokens, logp, keys = pool.decode(self.params, self._cache, put(self._feed), put(active),
+                                                put(self._samplers), put(self._keys), config=self.config,
+                                                policy=self.policy)
+        else:
+            cache, tokens, logp, keys = pool.decode_rows(self.params, self._cache, rows, self._feed[rows],
+                                                     active[rows], samplers, self._keys[rows],
+                                                     config=self.config, policy=self.policy)
         self._cache = cache
         tokens, logp, keys = sharding.to_host((tokens, logp, keys))
-        self._keys = keys.copy()
-        for b in np.flatnonzero(active):
-            self._emit(b, int(tokens[b]), float(logp[b]))
+        self._keys[rows] = keys
+        for i, b in enumerate(rows):
+            if active[b]:
+                self._emit(b, int(tokens[i]), float(logp[i]))
 
     def _global(self, tree):
         """Host arrays as every process's same global (replicated) arrays; as they are on one."""

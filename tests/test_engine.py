@@ -141,6 +141,30 @@ def test_a_prefill_stays_within_max_prefill_tokens(monkeypatch):
         check_answer(request, stream.result(timeout=0))
 
 
+def test_a_step_computes_only_the_active_rows_padded_to_a_decode_size(monkeypatch):
+    """A step takes out the active slots' rows (padded with free ones to a decode size) and
+    advances only those; answers unchanged. Slots 0 and 1 answer 2 and 6 tokens: a step of both,
+    then slot 1 alone; two arrivals take slots 0 and 2: three rows padded with free slot 3."""
+    from paligemma.fast import pool
+
+    steps, decode_rows = [], pool.decode_rows
+    monkeypatch.setattr(pool, "decode_rows", lambda params, cache, rows, *a, **k: steps.append(list(rows))
+                        or decode_rows(params, cache, rows, *a, **k))
+    engine = Engine(PARAMS, CONFIG, slots=8, max_seq=64)
+    assert engine.decode_sizes == (1, 2, 4, 8)
+    requests = [make_request("a", 5, 2, token_seed=1), make_request("b", 5, 6, token_seed=2)]
+    streams = [engine.submit(r) for r in requests]
+    engine.step()
+    engine.step()
+    requests += [make_request("a", 4, 4, "top_k(4)", seed=3, token_seed=3),
+                 make_request("b", 6, 3, "nucleus(0.7, 1.2)", seed=4, token_seed=4)]
+    streams += [engine.submit(r) for r in requests[2:]]
+    engine.run_until_idle()
+    assert steps == [[0, 1], [1], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1]]
+    for request, stream in zip(requests, streams):
+        check_answer(request, stream.result(timeout=0))
+
+
 def test_a_request_seed_not_its_slot_decides_the_samples():
     engine = Engine(PARAMS, CONFIG, slots=3, max_seq=64)
     request = make_request("a", 6, 8, "temperature(1.5)", seed=7)
