@@ -40,20 +40,20 @@ import collections
 import dataclasses
 import hashlib
 import threading
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from paligemma.ref.config import PaliGemmaConfig
-from paligemma.ref.decode import check_context, parse_sampler
+from paligemma.ref.decode import check_context
 from paligemma.ref.model import num_image_tokens
 
 from . import layout, lockstep, pool, sharding
 from .decode import CACHE_ALIGNMENT, KVCache
 from .pool import SAMPLER_KINDS
 from .policy import FLOAT32, Policy
+from .request import AdmissionError, QueueFull, Request, checked
 from .stream import Completion, Stream, Token
 
 __all__ = ["Engine", "Request", "Stream", "Token", "Completion", "AdmissionError", "QueueFull"]
@@ -63,35 +63,6 @@ MIN_TEXT_BUCKET = 16
 # prefill's activations. On the 3B-224 CPU harness XLA planned 0.49 GB of temporaries for
 # 8 x 272 positions and 2.35 GB for 16 x 272 (bench/engine_speed.py, docs/serving.md).
 MAX_PREFILL_TOKENS = 4096
-
-
-class AdmissionError(ValueError):
-    """A request the engine can never serve (too long, malformed); raised by `submit`, before any work."""
-
-
-class QueueFull(RuntimeError):
-    """`max_queue` requests are waiting already; try again later."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
-class Request:
-    """One generation.
-
-    images: float [R, R, 3] in [-1, 1] (`ref.preprocess`), or [F, R, R, 3] for several images or
-      a video's frames in one prompt (F x P image tokens).
-    tokens: int [T], the prompt `[BOS] prefix "\\n"` (+ a forced suffix) without padding.
-    mask_ar: int [T], 0 = prefix (bidirectional), 1 = suffix (causal); None = all prefix.
-    sampler: "greedy", "temperature(t)", "top_k(k[, t])", "nucleus(p[, t])" or a `Sampler`.
-    stop_ids: token ids that end the answer (included in it) besides EOS.
-    """
-
-    images: Any
-    tokens: Any
-    mask_ar: Any = None
-    max_new_tokens: int = 32
-    sampler: Any = "greedy"
-    seed: int = 0
-    stop_ids: tuple = ()
 
 
 class _Slot:
@@ -191,7 +162,7 @@ class Engine:
         request that cannot fit), QueueFull, or RuntimeError once the engine is stopping."""
         if not self.leader:
             raise RuntimeError("Engine: requests go to process 0; the other processes run `follow()`")
-        request, sampler = self._checked(request)
+        request, sampler = checked(request, self.config, self.max_seq)
         stream = Stream()
         with self._lock:
             if not self._accepting:
@@ -201,38 +172,6 @@ class Engine:
             self._waiting.append((request, sampler, stream))
             self._lock.notify_all()
         return stream
-
-    def _checked(self, request):
-        if not isinstance(request, Request):
-            raise AdmissionError(f"submit: expected a Request, got {type(request).__name__}")
-        cfg, R = self.config, self.config.vision.image_size
-        images = np.asarray(request.images, np.float32)
-        if images.ndim not in (3, 4) or images.shape[-3:] != (R, R, 3):
-            raise AdmissionError(f"images: expected [{R}, {R}, 3] or [F, {R}, {R}, 3], got {list(images.shape)}")
-        tokens = np.asarray(request.tokens)
-        if tokens.ndim != 1 or not len(tokens) or not np.issubdtype(tokens.dtype, np.integer):
-            raise AdmissionError(f"tokens: expected a non-empty 1-D integer array, got {tokens.dtype} {list(tokens.shape)}")
-        if tokens.min() < 0 or tokens.max() >= cfg.llm.vocab_size:
-            raise AdmissionError(f"tokens: ids must be in [0, {cfg.llm.vocab_size}), got {tokens.min()}..{tokens.max()}")
-        mask_ar = np.zeros_like(tokens) if request.mask_ar is None else np.asarray(request.mask_ar)
-        if mask_ar.shape != tokens.shape:
-            raise AdmissionError(f"mask_ar: expected shape {list(tokens.shape)}, got {list(mask_ar.shape)}")
-        n = request.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise AdmissionError(f"max_new_tokens: expected an integer >= 1, got {n!r}")
-        sampler = parse_sampler(request.sampler)
-        if sampler.kind not in SAMPLER_KINDS:
-            raise AdmissionError(f"sampler {sampler.kind}: the engine serves {', '.join(SAMPLER_KINDS)} "
-                                 "(beam search: fast.generate)")
-        P = num_image_tokens(cfg, images[None].shape)
-        need = P + len(tokens) + int(n)
-        what = f"{P} image tokens + {len(tokens)} prompt tokens + {int(n)} new tokens"
-        check_context(need, f"request: {what}", AdmissionError)
-        if need > self.max_seq:
-            raise AdmissionError(f"request: {what} = {need} positions, more than this engine's max_seq {self.max_seq}")
-        stops = tuple(int(t) for t in request.stop_ids)
-        return dataclasses.replace(request, images=images, tokens=tokens.astype(np.int32),
-                                   mask_ar=mask_ar.astype(np.int32), stop_ids=stops), sampler
 
     # --- Scheduling ---
 
