@@ -86,6 +86,15 @@ def fast_worker(args):
         steps.append((active, time.perf_counter() - t0))
 
     Engine._decode_step = timed_step
+    admissions = []  # (requests admitted together, seconds)
+    original_admit = Engine._admit_group
+
+    def timed_admit(self, group):
+        t0 = time.perf_counter()
+        original_admit(self, group)
+        admissions.append((len(group), time.perf_counter() - t0))
+
+    Engine._admit_group = timed_admit
 
     def serve(slots, rate=None):
         engine = Engine(params, config, slots=slots, max_seq=max_seq).start()
@@ -100,6 +109,7 @@ def fast_worker(args):
         warm_rss = peak_rss()  # so far: loading's end, compiling, the programs' first runs
         reset_peak()
         steps.clear()
+        admissions.clear()
         t0 = time.perf_counter()
         streams = []
         for i, (image, tokens, n) in enumerate(requests):
@@ -117,7 +127,11 @@ def fast_worker(args):
         return dict(system=f"engine {slots}" + (" (b)" if rate else ""), wall=wall, tokens_per_s=useful / wall,
                     ttft=percentiles(ttft), tpot=percentiles(tpot), idle_ttft=idle_ttft,
                     step_full=float(np.median(full)) if full else None, rss=peak_rss(), warm_rss=warm_rss,
-                    cache_bytes=2 * engine._cache.k.nbytes, programs=len(engine.prefill_sizes) + 1)
+                    cache_bytes=2 * engine._cache.k.nbytes, programs=len(engine.prefill_sizes) + 1,
+                    admit_s=sum(t for _, t in admissions), decode_s=sum(t for _, t in steps), steps=len(steps),
+                    mean_active=float(np.mean([a for a, _ in steps])) if steps else None,
+                    # the cheapest prefill per request this run saw (the largest admissions)
+                    prefill_per_request=min(t / n for n, t in admissions) if admissions else None)
 
     rate = None
     for slots in args.slots:
@@ -130,7 +144,7 @@ def fast_worker(args):
         row = serve(8, rate)
         row["rate"] = rate
         results["rows"].append(row)
-    Engine._decode_step = original
+    Engine._decode_step, Engine._admit_group = original, original_admit
 
     def run_generate(batch):
         images = np.stack([r[0] for r in batch])
@@ -214,6 +228,18 @@ def report(fast, hf, args):
         budget = "" if "cache_bytes" not in r else f" ({(fast['weights_bytes'] + r['cache_bytes']) / gb + 1:.2f})"
         print(f"| {r['system']} | {r['wall']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / seq:.2f} | {ttft} | "
               f"{tpot} | {step} | {r['rss'] / gb:.2f}{budget} | {_gb(r.get('warm_rss'))} |")
+    print("\n| engine | admitting s | decoding s | steps | mean active slots |\n|---|---|---|---|---|")
+    for r in rows:
+        if r.get("steps"):
+            print(f"| {r['system']} | {r['admit_s']:.1f} | {r['decode_s']:.1f} | {r['steps']} | {r['mean_active']:.2f} |")
+    if "engine 8" in by and by["engine 8"].get("step_full"):
+        # What 8 slots could reach on this mix if every prefill cost its cheapest per-request time
+        # and every step ran 8 rows at this run's 8-row cost: the engine's ceiling here.
+        e, n = by["engine 8"], args.requests
+        bound = e["prefill_per_request"] * n + -(-(fast["useful_tokens"] - n) // 8) * e["step_full"]
+        print(f"\nengine 8 ceiling on this mix: {n} x {e['prefill_per_request']:.3f} s prefill + "
+              f"{-(-(fast['useful_tokens'] - n) // 8)} full steps x {_ms(e['step_full'])} ms = {bound:.1f} s = "
+              f"{fast['useful_tokens'] / bound / seq:.2f}x sequential")
     if "hf static 8" in by and "engine 8" in by:
         print(f"engine 8 / hf static 8: {by['engine 8']['tokens_per_s'] / by['hf static 8']['tokens_per_s']:.2f}x")
 
