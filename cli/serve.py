@@ -60,14 +60,21 @@ def _files(args):
 
 def _warm_up(model, engine, which):
     """Compiles before clients come: "all" runs one burst per prefill batch size the engine pads
-    arrivals to (`engine.prefill_sizes`), "first" one request; stepped here on the calling thread
-    (the engine is not started yet)."""
+    arrivals to (`engine.prefill_sizes`), each answer long enough that the whole burst decodes
+    together (so every decode size up to it compiles too, even where a burst is admitted over
+    several steps), "first" one request; stepped here on the calling thread (the engine is not
+    started yet)."""
+    import dataclasses
+
     import numpy as np
 
     size = model.config.vision.image_size
-    blank = np.zeros((size, size, 3), np.uint8)
-    for burst in engine.prefill_sizes if which == "all" else engine.prefill_sizes[:1]:
-        streams = [engine.submit(model.request(blank, "caption en", max_new_tokens=2)) for _ in range(burst)]
+    blank = model.request(np.zeros((size, size, 3), np.uint8), "caption en", max_new_tokens=1)
+    room = engine.max_seq - len(blank.tokens) - model.config.vision.num_patches
+    bursts = engine.prefill_sizes + (engine.slots,) if which == "all" else engine.prefill_sizes[:1]
+    for burst in sorted(set(bursts)):
+        request = dataclasses.replace(blank, max_new_tokens=max(1, min(burst + 1, room)))
+        streams = [engine.submit(request) for _ in range(burst)]
         engine.run_until_idle()
         for stream in streams:
             stream.result(timeout=0)
