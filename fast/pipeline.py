@@ -41,7 +41,7 @@ from paligemma.ref.params import flatten, tree_map
 from . import sharding
 from .decode import generate as fast_generate
 from .engine import Engine, Request
-from .layout import unstack_layers
+from .layout import to_device, unstack_layers
 from .quant import check_tree
 from .policy import BFLOAT16, FLOAT32
 
@@ -124,7 +124,7 @@ def _place_quantized(params, config, impl, dtype, mesh=None):
     params = ref.unflatten(floats)
     if mesh is not None:
         return sharding.place_params(params, mesh)
-    placed = tree_map(jax.device_put, params)
+    placed = tree_map(to_device, params)
     return unstack_layers(placed) if jax.default_backend() == "cpu" else placed
 
 
@@ -145,7 +145,7 @@ def _place(params, impl, dtype, mesh=None):
         return tree_map(cast, params)
     if mesh is not None:
         return sharding.place_params(params, mesh, np_dtype)
-    put = lambda x: jax.device_put(cast(x))  # noqa: E731
+    put = lambda x: to_device(cast(x))  # noqa: E731
     if dtype != "float32" or jax.default_backend() != "cpu":
         return tree_map(put, params)
     layers = params["llm"]["layers"]
