@@ -4,6 +4,7 @@
 
 import base64
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -31,6 +32,22 @@ def scene_png(seed, size=128):
     buffer = io.BytesIO()
     Image.fromarray(scene.image).save(buffer, format="PNG")
     return buffer.getvalue(), scene
+
+
+@functools.cache
+def long_answer_seed(scenes=(1, 2), max_tokens=200, temperature=2.0):
+    """A seed whose sampled "caption en" answer runs to `max_tokens` (no EOS) on each of these
+    scenes with the shipped demo model, found with `PaliGemma.generate` on each request alone,
+    which the server's answers equal (tests/test_engine.py). Tests that need a long answer ask for
+    it at this seed, so that a retrained demo model does not silently shorten them."""
+    from paligemma import fast
+
+    model = fast.PaliGemma.load(DEMO.checkpoint, DEMO.tokenizer)
+    for seed in range(64):
+        if not any(model.generate(scene_png(s)[0], "caption en", max_tokens, f"temperature({temperature})", seed).finished
+                   for s in scenes):
+            return seed
+    raise AssertionError(f"no seed below 64 runs to {max_tokens} tokens at temperature {temperature}")
 
 
 def data_url(data, mime="image/png"):
