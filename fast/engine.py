@@ -61,8 +61,9 @@ __all__ = ["Engine", "Request", "Stream", "Token", "Completion", "AdmissionError
 MIN_TEXT_BUCKET = 16
 # Positions (image + text, times the padded batch) one admission prefills at most: bounds the
 # prefill's activations. On the 3B-224 CPU harness XLA planned 0.49 GB of temporaries for
-# 8 x 272 positions and 2.35 GB for 16 x 272 (bench/engine_speed.py, docs/serving.md).
-MAX_PREFILL_TOKENS = 4096
+# 8 x 272 positions and 2.35 GB for 16 x 272; at 2048 (4 x 272) the 8-slot serving peak was 4.01
+# GB against 4.24 at 4096, within weights + cache + 1 GB (bench/engine_speed.py, docs/serving.md).
+MAX_PREFILL_TOKENS = 2048
 
 
 class _Slot:
