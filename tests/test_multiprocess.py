@@ -108,9 +108,9 @@ def _losses(folder):
     return {r["step"]: r["loss"] for r in _records(folder) if "loss" in r}
 
 
-def _close(a, b, tol=FLOAT32_REORDERED.rel):
-    """Relative agreement within float32 reordered-reduction noise."""
-    return abs(a - b) <= tol * max(abs(a), abs(b))
+def _close(a, b, tol=FLOAT32_REORDERED.rel, scale=0.0):
+    """Relative agreement within float32 reordered-reduction noise (relative to at least `scale`)."""
+    return abs(a - b) <= tol * max(abs(a), abs(b), scale)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,10 @@ def test_generate_and_evaluate_two_processes_equal_one(tmp_path):
     assert len(one) == len(two) == 2 and one[0]["text"], (one, two)  # the demo model captions the scene
     for a, b in zip(one, two):
         assert (a["text"], a["tokens"]) == (b["text"], b["tokens"]), (a, b)
-        assert all(_close(x, y) for x, y in zip(a["logprobs"], b["logprobs"])), (a, b)
+        # A log-probability is a logit minus a log-sum-exp, both of order 1-10, and float32
+        # reordering moves it by ~1e-6 absolute: near 0 (a confident token) a relative bound
+        # on the log-probability alone would ask more than float32 gives.
+        assert all(_close(x, y, scale=1.0) for x, y in zip(a["logprobs"], b["logprobs"])), (a, b)
 
     evaluate = ["evaluate", *model, *mesh, "--data", evals, "--task", "detect", "--batch-size", "4"]
     printed = [_ok(cmd + ["--out", str(tmp_path / name)], env, tmp_path / f"{name}.log")
