@@ -236,9 +236,10 @@ def report(fast, hf, args):
         # What 8 slots could reach on this mix if every prefill cost its cheapest per-request time
         # and every step ran 8 rows at this run's 8-row cost: the engine's ceiling here.
         e, n = by["engine 8"], args.requests
-        bound = e["prefill_per_request"] * n + -(-(fast["useful_tokens"] - n) // 8) * e["step_full"]
+        full_steps = -(-(fast["useful_tokens"] - n) // 8)  # each request's first token comes from its prefill
+        bound = e["prefill_per_request"] * n + full_steps * e["step_full"]
         print(f"\nengine 8 ceiling on this mix: {n} x {e['prefill_per_request']:.3f} s prefill + "
-              f"{-(-(fast['useful_tokens'] - n) // 8)} full steps x {_ms(e['step_full'])} ms = {bound:.1f} s = "
+              f"{full_steps} full steps x {_ms(e['step_full'])} ms = {bound:.1f} s = "
               f"{fast['useful_tokens'] / bound / seq:.2f}x sequential")
     if "hf static 8" in by and "engine 8" in by:
         print(f"engine 8 / hf static 8: {by['engine 8']['tokens_per_s'] / by['hf static 8']['tokens_per_s']:.2f}x")

@@ -278,18 +278,16 @@ class Engine:
         active = np.array([s is not None for s in self._active])
         live = np.flatnonzero(active)
         size = next(s for s in self.decode_sizes if s >= len(live))
-        # The active slots, padded with free ones (left as garbage: an admission overwrites a whole row).
-        rows = np.concatenate([live, np.flatnonzero(~active)[: size - len(live)]]).astype(np.int32)
-        put, samplers = self._global, tuple(a[rows] for a in self._samplers)
         if size == self.slots:  # every slot, in slot order: no rows taken out and put back
-            rows = np.arange(self.slots, dtype=np.int32)
+            rows, put = np.arange(self.slots, dtype=np.int32), self._global
             cache, tokens, logp, keys = pool.decode(self.params, self._cache, put(self._feed), put(active),
                                                 put(self._samplers), put(self._keys), config=self.config,
                                                 policy=self.policy)
-        else:
+        else:  # the active slots, padded with free ones (left as garbage: an admission overwrites a whole row)
+            rows = np.concatenate([live, np.flatnonzero(~active)[: size - len(live)]]).astype(np.int32)
             cache, tokens, logp, keys = pool.decode_rows(self.params, self._cache, rows, self._feed[rows],
-                                                     active[rows], samplers, self._keys[rows],
-                                                     config=self.config, policy=self.policy)
+                                                     active[rows], tuple(a[rows] for a in self._samplers),
+                                                     self._keys[rows], config=self.config, policy=self.policy)
         self._cache = cache
         tokens, logp, keys = sharding.to_host((tokens, logp, keys))
         self._keys[rows] = keys
